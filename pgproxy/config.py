@@ -1,0 +1,654 @@
+"""Settings: every knob the proxy has, where it comes from, and what counts as a valid value.
+
+Rules of this file:
+
+* Validation only. Nothing here opens a socket, starts a task or logs; the only I/O is reading
+  the TOML file named by `--config`.
+* Precedence is command-line flags > environment (`PGPROXY_…`) > TOML file > defaults. A source
+  that sets a setting replaces it as a whole: `--user` does not add to the users of the file.
+* Every model is frozen. A bad value never gets past `load_settings`: it raises `ConfigError`
+  naming the first bad setting and a short reason, without echoing passwords.
+* Names follow PgBouncer's where the meaning is the same, so its users feel at home; defaults
+  that come from PgBouncer say so.
+* Settings with their own string syntax (`listen`, `server`, `users`, `databases`) are parsed
+  here from that syntax, whatever the source, and are marked `NoDecode` so that
+  pydantic-settings hands the environment's string over as is instead of trying JSON.
+"""
+
+import difflib
+import re
+import shlex
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+from urllib.parse import unquote, urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import ErrorDetails
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
+
+from pgproxy.errors import ConfigError
+
+ENV_PREFIX = "PGPROXY_"
+# Same as PgBouncer's listen_port and libpq's default port.
+DEFAULT_LISTEN_PORT = 6432
+DEFAULT_SERVER_PORT = 5432
+
+
+class AuthType(StrEnum):
+    """How clients prove who they are (PgBouncer's `auth_type`)."""
+
+    SCRAM_SHA_256 = "scram-sha-256"
+    MD5 = "md5"
+    TRUST = "trust"
+
+
+class PoolMode(StrEnum):
+    """When a server connection goes back to the pool (PgBouncer's `pool_mode`)."""
+
+    TRANSACTION = "transaction"
+    SESSION = "session"
+
+
+class LogLevel(StrEnum):
+    DEBUG = "debug"
+    INFO = "info"
+    WARNING = "warning"
+    ERROR = "error"
+
+
+class PasswordKind(StrEnum):
+    """What a configured password is; Postgres tells them apart the same way."""
+
+    PLAINTEXT = "plaintext"
+    MD5 = "md5"
+    SCRAM_SHA_256 = "scram-sha-256"
+
+
+# pg_authid's forms: `md5` + 32 lower-case hex digits, and
+# `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` in base64.
+_MD5_SECRET = re.compile(r"md5[0-9a-f]{32}")
+_SCRAM_PREFIX = "SCRAM-SHA-256$"
+_SCRAM_SECRET = re.compile(
+    r"SCRAM-SHA-256\$[1-9][0-9]*:[A-Za-z0-9+/]+={0,2}\$[A-Za-z0-9+/]+={0,2}:[A-Za-z0-9+/]+={0,2}"
+)
+_DATABASE_KEYS = ("dbname", "host", "port", "pool_size")
+
+
+def _parse_port(text: str) -> int:
+    if not (text.isascii() and text.isdigit()):
+        raise ValueError(f"port must be a number, got {text!r}")
+    return int(text)
+
+
+def _split_host_port(text: str, default_port: int) -> dict[str, object]:
+    """`host:port`, `[v6]:port`, `host` or `:port` → host and port (range checked later)."""
+    text = text.strip()
+    port_text: str | None
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket:
+            raise ValueError(f"missing ']' in {text!r}")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"expected ':PORT' after ']' in {text!r}")
+        port_text = rest[1:] if rest else None
+    elif text.count(":") > 1:
+        raise ValueError(f"write an IPv6 address in brackets, e.g. [::1]:6432, got {text!r}")
+    else:
+        host, colon, port_text = text.partition(":")
+        if not colon:
+            port_text = None
+    port = default_port if port_text is None else _parse_port(port_text)
+    return {"host": host, "port": port}
+
+
+class Address(BaseModel):
+    """Where the proxy listens: `host:port`, `[::1]:6432`, or `:6432` / `*:6432` for all."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # "" = all interfaces, IPv4 and IPv6: asyncio's create_server reads it that way.
+    host: str
+    # 0 = let the kernel pick a free port (tests use it).
+    port: int = Field(default=DEFAULT_LISTEN_PORT, ge=0, le=65535)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_text(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = _split_host_port(value, DEFAULT_LISTEN_PORT)
+            if parts["host"] == "*":  # PgBouncer's listen_addr = *
+                parts["host"] = ""
+            return parts
+        return value
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+class Upstream(BaseModel):
+    """The PostgreSQL server behind the proxy, from `host[:port]` or a postgresql:// URL."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    host: str = Field(min_length=1)
+    port: int = Field(default=DEFAULT_SERVER_PORT, ge=1, le=65535)
+    # Forced user: every server connection logs in as this one (PgBouncer's `user=`).
+    user: str | None = Field(default=None, min_length=1)
+    password: str | None = Field(default=None, repr=False)
+    # Upstream database for client databases not listed in `databases`.
+    dbname: str | None = Field(default=None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parse_text(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        if "://" in value:
+            return _parse_url(value.strip())
+        parts = _split_host_port(value, DEFAULT_SERVER_PORT)
+        _check_host(str(parts["host"]))
+        return parts
+
+    def __str__(self) -> str:
+        """A URL without the password, for logs and `SHOW CONFIG`."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = f"{self.user}@" if self.user is not None else ""
+        dbname = f"/{self.dbname}" if self.dbname is not None else ""
+        return f"postgresql://{user}{host}:{self.port}{dbname}"
+
+
+def _check_host(host: str) -> None:
+    if not host:
+        raise ValueError("needs a host, e.g. 127.0.0.1:5432")
+    if host.startswith("/"):
+        raise ValueError("unix-domain sockets are not supported; give a TCP host")
+    if "," in host:
+        raise ValueError("give a single host; lists of hosts are not supported")
+
+
+def _parse_url(text: str) -> dict[str, object]:
+    """`postgresql://[user[:password]@]host[:port][/dbname]`, parts percent-decoded like libpq."""
+    parts = urlsplit(text)
+    if parts.scheme not in ("postgresql", "postgres"):
+        raise ValueError(f"URL must start with postgresql:// or postgres://, not {parts.scheme}://")
+    if parts.query or parts.fragment:
+        raise ValueError("URL options (?key=value) are not supported; give settings instead")
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("port in the URL must be a number from 1 to 65535") from None
+    # .hostname strips IPv6 brackets; the parts are still percent-encoded.
+    host = unquote(parts.hostname or "")
+    _check_host(host)
+    user = unquote(parts.username) if parts.username else None
+    password = unquote(parts.password) if parts.password else None
+    if password is not None and user is None:
+        raise ValueError("URL has a password but no user")
+    dbname = unquote(parts.path.removeprefix("/")) or None
+    return {
+        "host": host,
+        "port": DEFAULT_SERVER_PORT if port is None else port,
+        "user": user,
+        "password": password,
+        "dbname": dbname,
+    }
+
+
+class UserEntry(BaseModel):
+    """A user allowed to log in to the proxy, with a plaintext password or a Postgres secret."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(min_length=1)
+    password: str = Field(min_length=1, repr=False)
+
+    @property
+    def password_kind(self) -> PasswordKind:
+        if self.password.startswith(_SCRAM_PREFIX):
+            return PasswordKind.SCRAM_SHA_256
+        if _MD5_SECRET.fullmatch(self.password):
+            return PasswordKind.MD5
+        return PasswordKind.PLAINTEXT
+
+
+class DatabaseEntry(BaseModel):
+    """One entry of `databases`, like a line of PgBouncer's [databases]; None = not overridden."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # None = the alias itself is the upstream database name.
+    dbname: str | None = Field(default=None, min_length=1)
+    # None = `server`'s host and port.
+    host: str | None = Field(default=None, min_length=1)
+    port: int | None = Field(default=None, ge=1, le=65535)
+    # None = default_pool_size.
+    pool_size: int | None = Field(default=None, ge=1)
+
+
+def _user_pairs(value: object) -> list[tuple[object, object]]:
+    """Every accepted shape of `users` → (name, password) pairs, in order."""
+    if isinstance(value, str):  # environment: name:password,name2:password2
+        value = [item.strip() for item in value.split(",") if item.strip()]
+    if isinstance(value, Mapping):  # TOML [users] table: name = "password"
+        return list(value.items())
+    if not isinstance(value, list | tuple):
+        raise ValueError("must be NAME:PASSWORD entries or a table of name = password")
+    pairs: list[tuple[object, object]] = []
+    for number, item in enumerate(value, start=1):
+        if isinstance(item, str):
+            name, colon, password = item.partition(":")
+            if not colon:
+                # Do not echo the entry: it may be a password.
+                raise ValueError(f"entry {number} is not NAME:PASSWORD")
+            pairs.append((name, password))
+        elif isinstance(item, UserEntry):
+            pairs.append((item.name, item.password))
+        elif isinstance(item, Mapping):
+            pairs.append((item.get("name"), item.get("password")))
+        else:
+            raise ValueError(f"entry {number} is not NAME:PASSWORD")
+    return pairs
+
+
+def _parse_database(text: str) -> tuple[str, dict[str, str]]:
+    """`ALIAS=key=value key=value` (PgBouncer's [databases] line) or a bare `ALIAS`."""
+    alias, _, spec = text.strip().partition("=")
+    alias = alias.strip()
+    if not alias:
+        raise ValueError(f"entry {text!r} has no name; write ALIAS=dbname=NAME pool_size=N")
+    return alias, _parse_database_spec(alias, spec)
+
+
+def _parse_database_spec(alias: str, spec: str) -> dict[str, str]:
+    try:
+        words = shlex.split(spec)  # allows dbname='my db', like PgBouncer's quoting
+    except ValueError as exc:
+        raise ValueError(f"{alias}: {exc}") from None
+    fields: dict[str, str] = {}
+    for word in words:
+        key, equals, item = word.partition("=")
+        if not equals:
+            raise ValueError(f"{alias}: {word!r} is not KEY=VALUE")
+        if key not in _DATABASE_KEYS:
+            known = ", ".join(_DATABASE_KEYS)
+            raise ValueError(f"{alias}: unknown key {key!r} (known: {known})")
+        if key in fields:
+            raise ValueError(f"{alias}: {key} is given twice")
+        fields[key] = item
+    return fields
+
+
+def _database_entries(value: object) -> object:
+    """Every accepted shape of `databases` → {alias: fields}."""
+    if isinstance(value, str):  # environment: entries separated by ';'
+        value = [item for item in value.split(";") if item.strip()]
+    if isinstance(value, list | tuple):  # repeated --database flags
+        entries: dict[str, object] = {}
+        for item in value:
+            if not isinstance(item, str):
+                raise ValueError("entries must be ALIAS=key=value strings")
+            alias, fields = _parse_database(item)
+            if alias in entries:
+                raise ValueError(f"{alias} is listed twice")
+            entries[alias] = fields
+        return entries
+    if isinstance(value, Mapping):  # TOML [databases.ALIAS] tables, or ALIAS = "key=value ..."
+        return {
+            alias: _parse_database_spec(str(alias), fields) if isinstance(fields, str) else fields
+            for alias, fields in value.items()
+        }
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class _SourceInputs:
+    config_file: Path | None = None
+    environ: Mapping[str, str] | None = None  # None = os.environ
+
+
+# What `load_settings` was asked to read, for `settings_customise_sources` (a classmethod that
+# takes no arguments of ours). Scoped to one `load_settings` call, so concurrent loads
+# (tests, RELOAD) never see each other's file.
+_source_inputs: ContextVar[_SourceInputs | None] = ContextVar(
+    "pgproxy_settings_sources", default=None
+)
+
+
+class _EnvironSource(EnvSettingsSource):
+    """The environment source, reading a given mapping instead of `os.environ`."""
+
+    def __init__(self, settings_cls: type[BaseSettings], environ: Mapping[str, str]) -> None:
+        self._environ = environ  # read by _load_env_vars during super().__init__
+        super().__init__(settings_cls)
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        if self.case_sensitive:
+            return dict(self._environ)
+        return {name.lower(): value for name, value in self._environ.items()}
+
+
+_Seconds = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+class Settings(BaseSettings):
+    """All settings of one proxy process; frozen, built by `load_settings`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        case_sensitive=False,
+        extra="forbid",  # an unknown key in the TOML file is a typo, not something to ignore
+        frozen=True,
+    )
+
+    listen: Annotated[Address, NoDecode] = Field(
+        default=Address(host="0.0.0.0", port=DEFAULT_LISTEN_PORT),  # noqa: S104 - a proxy serves the network
+        description=(
+            "Address to accept clients on, HOST:PORT; [::1]:6432 for IPv6, :6432 for all "
+            "interfaces, port 0 picks a free port (PgBouncer: listen_addr and listen_port)."
+        ),
+    )
+    server: Annotated[Upstream, NoDecode] = Field(
+        default=Upstream(host="127.0.0.1", port=DEFAULT_SERVER_PORT),
+        description=(
+            "PostgreSQL server to pool connections to: HOST[:PORT] or "
+            "postgresql://[USER[:PASSWORD]@]HOST[:PORT][/DBNAME] (percent-encoded). A user in the "
+            "URL makes every server connection log in as that user, with that password (like "
+            "PgBouncer's user= in [databases]); a database in the URL is used upstream for any "
+            "client database not listed in databases."
+        ),
+    )
+    databases: Annotated[dict[str, DatabaseEntry], NoDecode] = Field(
+        default_factory=dict,
+        description=(
+            "Databases clients may ask for, ALIAS=dbname=NAME host=HOST port=PORT pool_size=N, "
+            "every key optional (PgBouncer's [databases]); repeat the flag, or separate entries "
+            "with ';' in the environment. Empty: a client's database name is used upstream as is."
+        ),
+    )
+    auth_type: AuthType = Field(
+        default=AuthType.SCRAM_SHA_256,
+        description=(
+            "How clients prove who they are: scram-sha-256, md5 or trust (PgBouncer's auth_type)."
+        ),
+    )
+    users: Annotated[tuple[UserEntry, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "Users allowed to log in, NAME:PASSWORD; the password is plain text or a secret as "
+            "Postgres stores it (SCRAM-SHA-256$... or md5 and 32 hex digits). Repeat the flag, or "
+            "separate entries with ',' in the environment."
+        ),
+    )
+    pool_mode: PoolMode = Field(
+        default=PoolMode.TRANSACTION,
+        description=(
+            "When a server connection goes back to the pool: transaction (at the end of each "
+            "transaction) or session (when the client leaves); PgBouncer's pool_mode."
+        ),
+    )
+    default_pool_size: int = Field(
+        default=20,  # same as PgBouncer
+        ge=1,
+        description="Most server connections per (database, user) pool (as in PgBouncer).",
+    )
+    min_pool_size: int = Field(
+        default=0,  # same as PgBouncer
+        ge=0,
+        description=(
+            "Server connections each pool keeps open even when idle, at most default_pool_size "
+            "(as in PgBouncer)."
+        ),
+    )
+    max_client_conn: int = Field(
+        default=10000,
+        ge=1,
+        description=(
+            "Most client connections at once; more are refused with 53300 too_many_connections "
+            "(as in PgBouncer)."
+        ),
+    )
+    server_connect_timeout: float = Field(
+        default=15.0,  # same as PgBouncer
+        gt=0,
+        allow_inf_nan=False,
+        description="Seconds to open and log in to a server connection before giving up.",
+    )
+    query_wait_timeout: _Seconds = Field(
+        default=120.0,  # same as PgBouncer
+        description=(
+            "Seconds a client may wait for a server connection before it gets an error; "
+            "0 = wait forever."
+        ),
+    )
+    idle_transaction_timeout: _Seconds = Field(
+        default=0.0,  # same as PgBouncer: off
+        description=(
+            "Disconnect a client that stays idle in a transaction this many seconds, freeing its "
+            "server connection (25P03); 0 = never."
+        ),
+    )
+    server_idle_timeout: _Seconds = Field(
+        default=600.0,  # same as PgBouncer
+        description="Close a server connection idle in the pool this many seconds; 0 = never.",
+    )
+    server_lifetime: _Seconds = Field(
+        default=3600.0,  # same as PgBouncer
+        description=(
+            "Close a server connection this many seconds old when it next returns to the pool; "
+            "0 = never."
+        ),
+    )
+    client_login_timeout: _Seconds = Field(
+        default=60.0,  # same as PgBouncer
+        description=(
+            "Disconnect a client that has not logged in after this many seconds; 0 = never."
+        ),
+    )
+    shutdown_timeout: _Seconds = Field(
+        default=30.0,
+        description=(
+            "On SIGTERM, seconds clients linked to a server get to finish their transaction "
+            "before they are disconnected; 0 = disconnect at once."
+        ),
+    )
+    server_reset_query: str = Field(
+        default="DISCARD ALL",  # same as PgBouncer
+        description=(
+            "SQL run on a server connection before another client gets it, in session mode; "
+            "empty = none."
+        ),
+    )
+    log_level: LogLevel = Field(
+        default=LogLevel.INFO,
+        description="Least severe log messages written: debug, info, warning or error.",
+    )
+
+    @field_validator("auth_type", "pool_mode", "log_level", mode="before")
+    @classmethod
+    def _lower_choices(cls, value: object) -> object:
+        """Choices are case-insensitive: `PGPROXY_LOG_LEVEL=DEBUG` is fine."""
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("users", mode="before")
+    @classmethod
+    def _parse_users(cls, value: object) -> object:
+        entries: list[dict[str, object]] = []
+        seen: set[object] = set()
+        for name, password in _user_pairs(value):
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"entry {len(entries) + 1} has an empty name")
+            if not isinstance(password, str):
+                raise ValueError(f"user {name!r}: the password must be a string")
+            if not password:
+                raise ValueError(f"user {name!r} has an empty password")
+            if name in seen:
+                raise ValueError(f"user {name!r} is listed twice")
+            seen.add(name)
+            entries.append({"name": name, "password": password})
+        return entries
+
+    @field_validator("users")
+    @classmethod
+    def _check_secrets(
+        cls, users: tuple[UserEntry, ...], info: ValidationInfo
+    ) -> tuple[UserEntry, ...]:
+        auth_type = info.data.get("auth_type")
+        for user in users:
+            kind = user.password_kind
+            if kind is PasswordKind.SCRAM_SHA_256 and not _SCRAM_SECRET.fullmatch(user.password):
+                raise ValueError(f"user {user.name!r} has a malformed SCRAM-SHA-256 secret")
+            # An md5 hash cannot answer a SCRAM exchange; the reverse works (Postgres and
+            # PgBouncer switch an md5 login to SCRAM when the stored secret is SCRAM).
+            if kind is PasswordKind.MD5 and auth_type is AuthType.SCRAM_SHA_256:
+                raise ValueError(
+                    f"user {user.name!r} has an md5 secret, which cannot answer scram-sha-256; "
+                    "give the plain password or a SCRAM secret, or set auth_type to md5"
+                )
+        return users
+
+    @field_validator("databases", mode="before")
+    @classmethod
+    def _parse_databases(cls, value: object) -> object:
+        return _database_entries(value)
+
+    @field_validator("min_pool_size")
+    @classmethod
+    def _check_min_pool_size(cls, value: int, info: ValidationInfo) -> int:
+        default_pool_size = info.data.get("default_pool_size")
+        if isinstance(default_pool_size, int) and value > default_pool_size:
+            raise ValueError(
+                f"must be at most default_pool_size ({default_pool_size}), got {value}"
+            )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Flags (init kwargs) > environment > TOML file; no .env or secrets directory."""
+        inputs = _source_inputs.get() or _SourceInputs()
+        sources: list[PydanticBaseSettingsSource] = [init_settings]
+        if inputs.environ is None:
+            sources.append(env_settings)
+        else:
+            sources.append(_EnvironSource(settings_cls, inputs.environ))
+        if inputs.config_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=inputs.config_file))
+        return tuple(sources)
+
+
+@contextmanager
+def _reading(inputs: _SourceInputs) -> Iterator[None]:
+    token = _source_inputs.set(inputs)
+    try:
+        yield
+    finally:
+        _source_inputs.reset(token)
+
+
+def load_settings(
+    flags: Mapping[str, object] = {},
+    *,
+    config_file: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> Settings:
+    """Build the settings from flags, environment (default `os.environ`) and a TOML file.
+
+    `flags` maps setting names to raw values as given on the command line (strings, or lists
+    of strings for `users` and `databases`). Raises `ConfigError` on the first problem.
+    """
+    if config_file is not None and not config_file.is_file():
+        problem = "no such file" if not config_file.exists() else "not a file"
+        raise ConfigError("config", f"{config_file}: {problem}")
+    kwargs: dict[str, Any] = dict(flags)
+    try:
+        with _reading(_SourceInputs(config_file, environ)):
+            return Settings(**kwargs)
+    except ValidationError as exc:
+        raise _config_error(exc, config_file) from None
+    except OSError as exc:
+        raise ConfigError("config", f"{config_file}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # tomllib.TOMLDecodeError, or a file that is not UTF-8
+        raise ConfigError("config", f"{config_file}: {exc}") from None
+    except SettingsError as exc:
+        raise ConfigError("config", str(exc)) from None
+
+
+def _config_error(exc: ValidationError, config_file: Path | None) -> ConfigError:
+    """The first error of a ValidationError as one short line naming the setting."""
+    error = exc.errors(include_url=False)[0]
+    loc = error["loc"]
+    if not loc:
+        return ConfigError("config", _reason(error))
+    setting = str(loc[0])
+    if error["type"] == "extra_forbidden" and len(loc) == 1:
+        where = f" in {config_file}" if config_file is not None else ""
+        guess = difflib.get_close_matches(setting, Settings.model_fields, n=1)
+        hint = f"; did you mean {guess[0]}?" if guess else ""
+        return ConfigError(setting, f"unknown setting{where}{hint}")
+    path = ".".join(str(part) for part in loc[1:])
+    reason = _reason(error)
+    return ConfigError(setting, f"{path} {reason}" if path else reason)
+
+
+def _reason(error: ErrorDetails) -> str:
+    """A short human reason. Only numbers and choices echo the input: others may be secrets."""
+    ctx = error.get("ctx", {})
+    got = error["input"]
+    match error["type"]:
+        case "greater_than_equal":
+            return f"must be at least {_number(ctx['ge'])}, got {got}"
+        case "greater_than":
+            return f"must be greater than {_number(ctx['gt'])}, got {got}"
+        case "less_than_equal":
+            return f"must be at most {_number(ctx['le'])}, got {got}"
+        case "int_parsing" | "int_type" | "int_from_float":
+            return f"must be a whole number, got {got!r}"
+        case "float_parsing" | "float_type":
+            return f"must be a number of seconds, got {got!r}"
+        case "finite_number":
+            return "must be a finite number"
+        case "enum":
+            return f"must be one of {ctx['expected']}, got {got!r}"
+        case "string_too_short":
+            return "must not be empty"
+        case "string_type":
+            return "must be a string"
+        case "extra_forbidden":
+            return "is not a known key"
+        case "value_error":
+            return str(ctx["error"])
+        case _:
+            message = error["msg"]
+            return message[:1].lower() + message[1:]
+
+
+def _number(bound: object) -> str:
+    """`0` rather than `0.0` for a float field's whole-number bound."""
+    return f"{bound:g}" if isinstance(bound, float) else str(bound)

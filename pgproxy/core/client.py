@@ -1,0 +1,73 @@
+"""`ClientState`: a client session after login: idle → waiting → active, and what it sent.
+
+The shell feeds client bytes here; this decides whether a server is needed and keeps what must
+go to the server once one is linked. No I/O, no clock (times are arguments).
+"""
+
+from dataclasses import dataclass, field
+from enum import Enum
+
+from pgproxy.core.server import FRONTEND_WATCHED, ClientView
+from pgproxy.wire.codes import FrontendCode
+from pgproxy.wire.scanner import MessageScanner
+
+
+class ClientPhase(Enum):
+    IDLE = "idle"  # logged in, no server
+    WAITING = "waiting"  # has sent something, waits for a server
+    ACTIVE = "active"  # linked to a server
+
+
+@dataclass(slots=True)
+class ClientState:
+    id: int
+    user: str
+    database: str
+    connected_at: float
+    view: ClientView
+    phase: ClientPhase = ClientPhase.IDLE
+    # When the current wait for a server began.
+    waiting_since: float = 0.0
+    # Bytes received while no server was linked, in order, and their watched messages.
+    pending: list[bytes] = field(default_factory=list)
+    pending_msgs: list[tuple[int, bytes, int]] = field(default_factory=list)
+    # Terminate received: nothing after it is read.
+    terminated: bool = False
+    scanner: MessageScanner = field(default_factory=lambda: MessageScanner(FRONTEND_WATCHED))
+
+    def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, bytes, int]]]:
+        """Scan client bytes; return what may go to a server and its watched messages.
+
+        A Terminate ends the session: it and anything after it are dropped (the server
+        connection is the pool's, not the client's, so the proxy never forwards Terminate).
+        """
+        msgs = self.scanner.feed(data)
+        if msgs:
+            for i, (code, _body, end) in enumerate(msgs):
+                if code == FrontendCode.TERMINATE:
+                    self.terminated = True
+                    return data[: end - 5], msgs[:i]
+        return data, msgs
+
+    def hold(self, data: bytes, msgs: list[tuple[int, bytes, int]], now: float) -> bool:
+        """Keep bytes until a server is linked. Returns True when a server must be requested."""
+        if data:
+            self.pending.append(data)
+            self.pending_msgs.extend(msgs)
+        if self.phase is ClientPhase.IDLE and self.pending:
+            self.phase = ClientPhase.WAITING
+            self.waiting_since = now
+            return True
+        return False
+
+    def take_pending(self) -> tuple[bytes, list[tuple[int, bytes, int]]]:
+        data = b"".join(self.pending)
+        msgs = self.pending_msgs
+        self.pending = []
+        self.pending_msgs = []
+        return data, msgs
+
+    @property
+    def at_boundary(self) -> bool:
+        """No half-received message: the server has not been given part of one."""
+        return self.scanner.at_boundary

@@ -1,0 +1,109 @@
+"""`Pool`: the server connections of one (database, user) and the clients waiting for one.
+
+Idle servers are a LIFO stack (the most recently used is reused first: its caches are warm and
+the others can time out), waiting clients a FIFO queue. Pure bookkeeping: the shell opens and
+closes connections; times are arguments.
+"""
+
+from collections.abc import Hashable, Iterator
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+S = TypeVar("S", bound=Hashable)
+C = TypeVar("C", bound=Hashable)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolKey:
+    database: str  # the name clients use
+    user: str
+
+    def __str__(self) -> str:
+        return f"{self.database}/{self.user}"
+
+
+@dataclass(slots=True)
+class Pool(Generic[S, C]):
+    key: PoolKey
+    size: int
+    min_size: int = 0
+    # Servers in the pool and when each became idle (insertion order = LIFO via popitem).
+    idle: dict[S, float] = field(default_factory=dict)
+    active: set[S] = field(default_factory=set)
+    # Servers being reset after their client left (rollback, reset query); not available.
+    resetting: set[S] = field(default_factory=set)
+    connecting: int = 0
+    # Clients waiting for a server, oldest first, with when they started waiting.
+    waiters: dict[C, float] = field(default_factory=dict)
+    # ParameterStatus values of a fresh server connection (the "welcome"), once known.
+    welcome: dict[str, str] | None = None
+
+    @property
+    def total(self) -> int:
+        """Servers that count against `size`."""
+        return len(self.idle) + len(self.active) + len(self.resetting) + self.connecting
+
+    def checkout(self, client: C, now: float) -> S | None:
+        """The most recently used idle server, or None after queueing the client."""
+        if self.idle and not self.waiters:
+            server, _ = self.idle.popitem()
+            self.active.add(server)
+            return server
+        self.waiters.setdefault(client, now)
+        return None
+
+    def launches_needed(self) -> int:
+        """How many server connections to open now for waiters and `min_size`."""
+        room = self.size - self.total
+        if room <= 0:
+            return 0
+        want = max(len(self.waiters) - self.connecting - len(self.resetting), 0)
+        want = max(want, self.min_size - self.total)
+        return min(want, room)
+
+    def checkin(self, server: S, now: float) -> C | None:
+        """Return a clean server: it goes to the oldest waiter (returned), or becomes idle."""
+        self.active.discard(server)
+        self.resetting.discard(server)
+        if self.waiters:
+            client = next(iter(self.waiters))
+            del self.waiters[client]
+            self.active.add(server)
+            return client
+        self.idle[server] = now
+        return None
+
+    def add_connected(self, server: S, now: float) -> C | None:
+        """A new server finished logging in."""
+        self.connecting -= 1
+        return self.checkin(server, now)
+
+    def start_reset(self, server: S) -> None:
+        self.active.discard(server)
+        self.resetting.add(server)
+
+    def remove(self, server: S) -> None:
+        """Forget a server that is closed or about to be."""
+        self.idle.pop(server, None)
+        self.active.discard(server)
+        self.resetting.discard(server)
+
+    def cancel_wait(self, client: C) -> None:
+        self.waiters.pop(client, None)
+
+    def expired_waiters(self, now: float, timeout: float) -> list[C]:
+        """Waiters past `query_wait_timeout` (0 = never), removed from the queue."""
+        if timeout <= 0 or not self.waiters:
+            return []
+        expired = []
+        for client, since in self.waiters.items():
+            if now - since < timeout:
+                break  # FIFO: the rest waited less
+            expired.append(client)
+        for client in expired:
+            del self.waiters[client]
+        return expired
+
+    def idle_servers(self) -> Iterator[tuple[S, float]]:
+        """Idle servers, least recently used first, with when each became idle."""
+        return iter(list(self.idle.items()))

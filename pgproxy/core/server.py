@@ -1,0 +1,314 @@
+"""`ServerState`: what a server connection owes, its transaction status, and whether it is clean.
+
+Every transition of a server connection's protocol state lives here; this file never touches a
+socket or a clock (times are arguments). The shell calls `note_frontend` with the messages it
+forwards and `feed` with the bytes the server sends back.
+
+How the link boundary is found (PostgreSQL docs, "Message Flow"): every Query, Sync and
+FunctionCall is answered by exactly one ReadyForQuery, in order, *except* a Sync the server
+reads while in COPY-IN mode, which it ignores ("The backend will ignore Flush and Sync messages
+received during copy-in mode"). So the state keeps the ordered list of what still owes a
+ReadyForQuery, and when CopyInResponse arrives it works out which queued Syncs the server will
+skip. When the bytes do not allow a certain answer the connection is marked `unpredictable`:
+it stays with its client and is closed afterwards, never reused.
+"""
+
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from pgproxy.core.params import TRACKED_STARTUP_PARAMS
+from pgproxy.wire import messages
+from pgproxy.wire.codes import BackendCode, FrontendCode, TransactionStatus
+from pgproxy.wire.scanner import MessageScanner
+
+_Q = FrontendCode.QUERY
+_S = FrontendCode.SYNC
+_F = FrontendCode.FUNCTION_CALL
+_E = FrontendCode.EXECUTE
+_H = FrontendCode.FLUSH
+_P = FrontendCode.PARSE
+_X = FrontendCode.TERMINATE
+_COPY_DONE = FrontendCode.COPY_DONE
+_COPY_FAIL = FrontendCode.COPY_FAIL
+
+# Queue entries: the frontend code, with the "segment" state of a Sync in the bits above.
+# A segment is what the client sent since the previous entry; for COPY we need to know whether
+# it holds exactly one Execute with nothing but Flush after it.
+_SEG_EMPTY = 0  # nothing, or only Flush
+_SEG_PRE = 1  # messages, but no Execute yet
+_SEG_ONE_EXECUTE = 2  # exactly one Execute, then at most Flush
+_SEG_DIRTY = 3  # anything else
+_PROXY = 0  # a query the proxy sent itself; its answers never reach the client
+
+FRONTEND_WATCHED = frozenset(
+    {
+        FrontendCode.QUERY,
+        FrontendCode.PARSE,
+        FrontendCode.BIND,
+        FrontendCode.DESCRIBE,
+        FrontendCode.CLOSE,
+        FrontendCode.EXECUTE,
+        FrontendCode.SYNC,
+        FrontendCode.FLUSH,
+        FrontendCode.FUNCTION_CALL,
+        FrontendCode.TERMINATE,
+        FrontendCode.COPY_DONE,
+        FrontendCode.COPY_FAIL,
+    }
+)
+BACKEND_WATCHED = frozenset(
+    {
+        BackendCode.READY_FOR_QUERY,
+        BackendCode.PARAMETER_STATUS,
+        BackendCode.ERROR_RESPONSE,
+        BackendCode.COPY_IN_RESPONSE,
+        BackendCode.COPY_BOTH_RESPONSE,
+    }
+)
+
+
+class DisconnectReason(Enum):
+    """Why a connection was closed; shared by logs, admin and metrics."""
+
+    CLIENT_CLOSE = "client_close"
+    CLIENT_TERMINATE = "client_terminate"
+    SERVER_CLOSE = "server_close"
+    SERVER_FATAL = "server_fatal"
+    PROTOCOL_ERROR = "protocol_error"
+    LOGIN_FAILED = "login_failed"
+    LOGIN_TIMEOUT = "login_timeout"
+    WAIT_TIMEOUT = "query_wait_timeout"
+    CONNECT_FAILED = "connect_failed"
+    TOO_MANY_CLIENTS = "max_client_conn"
+    DIRTY = "dirty"
+    CLIENT_GONE_MID_QUERY = "client_gone_mid_query"
+    RESET_FAILED = "reset_failed"
+    IDLE_TIMEOUT = "server_idle_timeout"
+    LIFETIME = "server_lifetime"
+    SHUTDOWN = "shutdown"
+    INTERNAL_ERROR = "internal_error"
+    UNEXPECTED_DATA = "unexpected_data"
+    CANCEL = "cancel_request"
+
+
+@dataclass(slots=True)
+class ServerState:
+    """The protocol state of one logged-in server connection."""
+
+    id: int
+    created_at: float
+    backend_key: tuple[int, int] | None
+    # ParameterStatus values as the server last reported them (canonical spelling).
+    params: dict[str, str]
+    # Settings the proxy applied with `build_prelude`, as the client spelled them.
+    applied: dict[str, str] = field(default_factory=dict)
+    transaction_status: int = TransactionStatus.IDLE
+    last_used_at: float = 0.0
+    # Entries that still owe a ReadyForQuery, oldest first.
+    queue: deque[int] = field(default_factory=deque)
+    # True while the head of `queue` is the proxy's own query: its output is swallowed.
+    swallowing: bool = False
+    # Set by `feed` when a ReadyForQuery emptied the queue; the shell reads and clears it.
+    drained: bool = False
+    # The server reads the client's COPY data now (CopyInResponse seen, CopyDone/Fail not yet).
+    copy_in: bool = False
+    # What the client sent since the last queue entry (see _SEG_*).
+    segment: int = _SEG_EMPTY
+    # The bytes no longer allow knowing when the server is done: never reuse it.
+    unpredictable: bool = False
+    # Why the connection must stay with its client until the client leaves (None: it need not).
+    pinned: str | None = None
+    # The server said FATAL: it is about to close.
+    fatal: bool = False
+    # Fields of an ErrorResponse to one of the proxy's own queries.
+    proxy_error: dict[str, str] | None = None
+    # ParameterStatus messages to send the client (client's view catching up after a prelude).
+    outbox: list[bytes] = field(default_factory=list)
+    # The client this connection serves now, if any.
+    client: "ClientView | None" = None
+    scanner: MessageScanner = field(default_factory=lambda: MessageScanner(BACKEND_WATCHED))
+
+    # -- link boundary -----------------------------------------------------------------------
+
+    @property
+    def is_idle(self) -> bool:
+        """Nothing owed, not in a transaction, not mid-COPY: the server waits for a new query."""
+        return (
+            not self.queue
+            and not self.copy_in
+            and self.transaction_status == TransactionStatus.IDLE
+            and self.segment == _SEG_EMPTY
+            and self.scanner.at_boundary
+        )
+
+    def is_clean(self, baseline: dict[str, str]) -> bool:
+        """May this connection serve another client? `baseline`: the pool's welcome params.
+
+        Settings the proxy tracks are replayed per client; any other reported parameter that
+        differs from a fresh connection's (e.g. session_authorization) is leftover state.
+        """
+        if not self.is_idle or self.unpredictable or self.pinned or self.fatal:
+            return False
+        for name, value in self.params.items():
+            if name.lower() in TRACKED_STARTUP_PARAMS:
+                continue
+            if baseline.get(name, value) != value:
+                return False
+        return True
+
+    # -- frontend → server -------------------------------------------------------------------
+
+    def note_frontend(self, msgs: list[tuple[int, bytes, int]]) -> None:
+        """Account for watched client messages just forwarded to this server."""
+        for code, body, _end in msgs:
+            if self.copy_in:
+                if code in (_S, _H):
+                    continue  # ignored by the server in copy-in mode
+                if code in (_COPY_DONE, _COPY_FAIL):
+                    self.copy_in = False
+                    continue
+                # Any other message makes the server fail the COPY; from then on we cannot
+                # tell which of the already queued Syncs it skipped.
+                self.copy_in = False
+                self.unpredictable = True
+            if code in (_Q, _F):
+                self.queue.append(code)
+                self.segment = _SEG_EMPTY
+            elif code == _S:
+                self.queue.append(_S | (self.segment << 8))
+                self.segment = _SEG_EMPTY
+            elif code == _E:
+                self.segment = _SEG_ONE_EXECUTE if self.segment <= _SEG_PRE else _SEG_DIRTY
+            elif code in (_H, _X):
+                pass
+            elif code in (_COPY_DONE, _COPY_FAIL):
+                # Outside COPY the server ignores these; but if it may be about to enter COPY
+                # (something is pending), this one would end that COPY early.
+                if self.queue or self.segment != _SEG_EMPTY:
+                    self.unpredictable = True
+            else:
+                if code == _P and body[:1] not in (b"", b"\x00") and self.pinned is None:
+                    # A named prepared statement lives on this server only.
+                    self.pinned = "named prepared statement"
+                if self.segment == _SEG_ONE_EXECUTE:
+                    self.segment = _SEG_DIRTY
+                elif self.segment == _SEG_EMPTY:
+                    self.segment = _SEG_PRE
+
+    def send_proxy_query(self, sql: str) -> bytes:
+        """A Query message of the proxy's own; everything it produces is kept from the client."""
+        self.queue.append(_PROXY)
+        if len(self.queue) == 1:
+            self.swallowing = True
+        return messages.query(sql)
+
+    # -- server → frontend -------------------------------------------------------------------
+
+    def feed(self, data: bytes) -> int:
+        """Account for bytes from the server; return the offset where the client's bytes start.
+
+        When `swallowing` is false on entry the caller has already forwarded the whole chunk
+        (the fast path) and the result is 0. Otherwise bytes up to the ReadyForQuery that ends
+        the proxy's own query are withheld.
+        """
+        start = len(data) if self.swallowing else 0
+        for code, body, end in self.scanner.feed(data):
+            if code == BackendCode.READY_FOR_QUERY:
+                self.transaction_status = body[0] if body else TransactionStatus.IDLE
+                if not self.queue:
+                    self.unpredictable = True
+                    continue
+                head = self.queue.popleft()
+                if head == _PROXY:
+                    self.swallowing = bool(self.queue) and self.queue[0] == _PROXY
+                    if not self.swallowing:
+                        start = end
+                        self._catch_up_client()
+                elif self.queue and self.queue[0] == _PROXY:
+                    self.swallowing = True
+                if not self.queue:
+                    self.drained = True
+            elif code == BackendCode.PARAMETER_STATUS:
+                name, value = messages.parse_parameter_status(body)
+                self.params[name] = value
+                client = self.client
+                if client is not None and not self.swallowing:
+                    # The client saw this message: its view and its wishes follow the server.
+                    client.reported[name] = value
+                    key = _tracked_key(name)
+                    if key is not None:
+                        client.wanted[key] = value
+                        self.applied[key] = value
+            elif code == BackendCode.ERROR_RESPONSE:
+                fields = messages.parse_fields(body)
+                if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
+                    self.fatal = True
+                if self.swallowing:
+                    self.proxy_error = fields
+                self.copy_in = False
+            elif code == BackendCode.COPY_IN_RESPONSE:
+                self._enter_copy_in()
+            else:  # CopyBothResponse: replication only, never expected here
+                self.unpredictable = True
+        return start
+
+    def _enter_copy_in(self) -> None:
+        queue = self.queue
+        if not queue:
+            # Extended protocol with no Sync sent yet: the segment holds the COPY's Execute.
+            if self.segment != _SEG_ONE_EXECUTE:
+                self.unpredictable = True
+            self.segment = _SEG_EMPTY
+            self.copy_in = True
+            return
+        head = queue[0]
+        if head == _Q:
+            self.copy_in = True
+            if len(queue) > 1 or self.segment != _SEG_EMPTY:
+                self.unpredictable = True  # pipelined past a COPY: the server aborts the COPY
+            return
+        if head & 0xFF != _S or head >> 8 != _SEG_ONE_EXECUTE:
+            self.unpredictable = True
+            self.copy_in = True
+            return
+        # The queued Sync came right after the COPY's Execute: the server will skip it, and
+        # any Sync queued after it with nothing in between.
+        queue.popleft()
+        while queue and queue[0] == _S | (_SEG_EMPTY << 8):
+            queue.popleft()
+        if queue or self.segment != _SEG_EMPTY:
+            self.unpredictable = True
+        self.copy_in = True
+
+    def _catch_up_client(self) -> None:
+        """After a prelude, tell the client the server's canonical spelling of its settings."""
+        client = self.client
+        if client is None:
+            return
+        reported = client.reported
+        for name, value in self.params.items():
+            if reported.get(name) != value:
+                reported[name] = value
+                self.outbox.append(messages.parameter_status(name, value))
+
+    def expect_nothing(self) -> bool:
+        """True when the server owes nothing and waits for input (safe to write to or close)."""
+        return not self.queue and not self.copy_in
+
+
+def _tracked_key(name: str) -> str | None:
+    """The `wanted` key of a reported parameter that follows the client, else None."""
+    return name if name.lower() in TRACKED_STARTUP_PARAMS else None
+
+
+class ClientView:
+    """What a server connection needs to know of the client it serves (its session view)."""
+
+    __slots__ = ("reported", "wanted")
+
+    def __init__(self, wanted: dict[str, str], reported: dict[str, str]) -> None:
+        # Settings the client asked for (startup values, then its own SETs of reported ones).
+        self.wanted = wanted
+        # ParameterStatus values the client has been told.
+        self.reported = reported

@@ -1,0 +1,308 @@
+"""`ClientConnection`: the asyncio protocol of one client, fed to `ClientLogin`/`ClientState`.
+
+Data path: client bytes go to the linked server as received (one write per chunk); while no
+server is linked they are held and reading pauses until the pool hands one over. What to do
+with a server when the client is done with it is the proxy's decision (`Proxy.checkin`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING, cast
+
+from pgproxy.core.client import ClientPhase, ClientState
+from pgproxy.core.login import Authenticated, CancelRequested, ClientLogin, Send
+from pgproxy.core.params import build_prelude
+from pgproxy.core.server import DisconnectReason
+from pgproxy.errors import PgProxyError, ServerError, Severity, TooManyClientsError
+from pgproxy.net.flow import GateReason, ReadGate
+from pgproxy.wire import messages
+from pgproxy.wire.codes import SSL_REQUEST_CODE, TransactionStatus
+
+if TYPE_CHECKING:
+    from pgproxy.core.pool import Pool
+    from pgproxy.net.server_connection import ServerConnection
+    from pgproxy.proxy import Proxy
+
+log = logging.getLogger("pgproxy.client")
+
+
+class ClientConnection(asyncio.Protocol):
+    __slots__ = (
+        "_login",
+        "_login_timer",
+        "_over_limit",
+        "address",
+        "application_name",
+        "cancel_key",
+        "closed",
+        "gate",
+        "id",
+        "pool",
+        "proxy",
+        "server",
+        "state",
+        "transport",
+        "write_paused",
+    )
+
+    def __init__(self, proxy: Proxy) -> None:
+        self.proxy = proxy
+        self.id = proxy.next_id()
+        self.transport: asyncio.Transport | None = None
+        self.gate: ReadGate | None = None
+        self.address = "?"
+        self._login: ClientLogin | None = None
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._over_limit = False
+        self.state: ClientState | None = None
+        self.pool: Pool[ServerConnection, ClientConnection] | None = None
+        self.server: ServerConnection | None = None
+        self.cancel_key: tuple[int, int] | None = None
+        self.application_name = ""
+        self.write_paused = False
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"C-{self.id}"
+
+    # -- asyncio callbacks -------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's TCP transports implement asyncio.Transport without subclassing it.
+        self.transport = transport = cast(asyncio.Transport, transport)
+        self.gate = ReadGate(transport)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.address = f"{peer[0]}:{peer[1]}"
+        elif peer:
+            self.address = str(peer)
+        self._over_limit = not self.proxy.client_connected(self)
+        if not self._over_limit:
+            self._login = self.proxy.new_client_login()
+        timeout = self.proxy.settings.client_login_timeout
+        if timeout > 0:
+            self._login_timer = asyncio.get_running_loop().call_later(timeout, self._login_expired)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            if self.state is not None:
+                self._feed_session(data)
+            elif self._over_limit:
+                self._refuse_over_limit(data)
+            elif self._login is not None:
+                self._feed_login(data)
+        except PgProxyError as exc:
+            self.fail(exc)
+        except Exception:
+            log.exception("%r: internal error; closing", self)
+            self.fail(PgProxyError("pgproxy internal error"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        try:
+            self.closed = True
+            if self._login_timer is not None:
+                self._login_timer.cancel()
+            self.proxy.client_lost(self)
+        except Exception:
+            log.exception("%r: internal error in connection_lost", self)
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+        server = self.server
+        if server is not None and server.gate is not None:
+            server.gate.add(GateReason.PEER_BACKLOG)
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        server = self.server
+        if server is not None and server.gate is not None:
+            server.gate.discard(GateReason.PEER_BACKLOG)
+
+    # -- login -------------------------------------------------------------------------------
+
+    def _refuse_over_limit(self, data: bytes) -> None:
+        # Answer like Postgres does when full: after reading the startup packet, so that the
+        # client reads the error instead of a reset. An SSLRequest first gets 'N'.
+        if len(data) == 8 and int.from_bytes(data[4:8], "big") == SSL_REQUEST_CODE:
+            self.write(b"N")
+            return
+        self.fail(
+            TooManyClientsError(
+                "no more connections allowed (max_client_conn "
+                f"{self.proxy.settings.max_client_conn})"
+            ),
+            reason=DisconnectReason.TOO_MANY_CLIENTS,
+        )
+
+    def _feed_login(self, data: bytes) -> None:
+        assert self._login is not None
+        try:
+            events = self._login.feed(data)
+        except PgProxyError as exc:
+            log.warning("login failed for %s: %s", self.address, exc.message)
+            self.proxy.count_login_failure()
+            self.fail(exc, reason=DisconnectReason.LOGIN_FAILED)
+            return
+        for event in events:
+            if isinstance(event, Send):
+                self.write(event.data)
+            elif isinstance(event, CancelRequested):
+                self.proxy.cancel(event.pid, event.secret)
+                self.close(DisconnectReason.CANCEL)
+                return
+            elif isinstance(event, Authenticated):
+                self._login = None
+                self.proxy.client_authenticated(self, event)
+                return
+            else:  # Closed: Terminate during login
+                self.close(DisconnectReason.CLIENT_TERMINATE)
+                return
+
+    def start_session(self, state: ClientState, cancel_key: tuple[int, int]) -> None:
+        """Login is accepted: the pool knows the server's parameters."""
+        self.state = state
+        self.cancel_key = cancel_key
+        self.application_name = state.view.wanted.get("application_name", "")
+        if self._login_timer is not None:
+            self._login_timer.cancel()
+            self._login_timer = None
+
+    def finish_login(self, welcome: dict[str, str], leftover: bytes) -> None:
+        """Send AuthenticationOk, the session's parameters, its key and ReadyForQuery."""
+        st = self.state
+        assert st is not None and self.cancel_key is not None
+        reported = dict(welcome)
+        for name, value in st.view.wanted.items():
+            if name in reported:
+                reported[name] = value
+        st.view.reported.update(reported)
+        parts = [messages.authentication_ok()]
+        parts.extend(messages.parameter_status(k, v) for k, v in reported.items())
+        parts.append(messages.backend_key_data(*self.cancel_key))
+        parts.append(messages.ready_for_query(TransactionStatus.IDLE))
+        self.write(b"".join(parts))
+        if self.gate is not None:
+            self.gate.discard(GateReason.WAITING_FOR_SERVER)
+        if leftover:
+            self._feed_session(leftover)
+
+    def _login_expired(self) -> None:
+        self._login_timer = None
+        if self.state is None and not self.closed:
+            self.proxy.count_login_failure()
+            self.fail(
+                PgProxyError(
+                    "client_login_timeout "
+                    f"({self.proxy.settings.client_login_timeout:g} s) expired during login",
+                    sqlstate="08006",
+                ),
+                reason=DisconnectReason.LOGIN_TIMEOUT,
+            )
+
+    # -- session -----------------------------------------------------------------------------
+
+    def _feed_session(self, data: bytes) -> None:
+        st = self.state
+        assert st is not None
+        out, msgs = st.feed(data)
+        server = self.server
+        if server is not None:
+            if out:
+                server.write(out)
+            if msgs:
+                assert server.state is not None
+                server.state.note_frontend(msgs)
+        elif st.hold(out, msgs, self.proxy.now()):
+            assert self.gate is not None
+            self.gate.add(GateReason.WAITING_FOR_SERVER)
+            self.proxy.request_server(self)
+        if st.terminated:
+            self.close(DisconnectReason.CLIENT_TERMINATE)
+
+    def link(self, server: ServerConnection) -> None:
+        """Serve this client's held bytes on `server` (after applying its settings there)."""
+        st = self.state
+        sst = server.state
+        assert st is not None and sst is not None and self.gate is not None
+        assert server.gate is not None
+        self.server = server
+        server.client = self
+        sst.client = st.view
+        sst.last_used_at = self.proxy.now()
+        st.phase = ClientPhase.ACTIVE
+        data, msgs = st.take_pending()
+        prelude = build_prelude(st.view.wanted, sst.applied)
+        if prelude is not None:
+            sst.applied = dict(st.view.wanted)
+            data = sst.send_proxy_query(prelude) + data
+        if data:
+            server.write(data)
+        if msgs:
+            sst.note_frontend(msgs)
+        if self.write_paused:
+            server.gate.add(GateReason.PEER_BACKLOG)
+        if server.write_paused:
+            self.gate.add(GateReason.PEER_BACKLOG)
+        self.gate.discard(GateReason.WAITING_FOR_SERVER)
+
+    def unlink(self) -> ServerConnection | None:
+        server = self.server
+        if server is None:
+            return None
+        self.server = None
+        server.client = None
+        if server.state is not None:
+            server.state.client = None
+        if server.gate is not None:
+            server.gate.discard(GateReason.PEER_BACKLOG)
+        if self.gate is not None:
+            self.gate.discard(GateReason.PEER_BACKLOG)
+        if self.state is not None:
+            self.state.phase = ClientPhase.IDLE
+        return server
+
+    def server_drained(self) -> None:
+        """The linked server answered everything it was sent."""
+        server = self.server
+        st = self.state
+        assert server is not None and server.state is not None and st is not None
+        if self.proxy.releases_after_transaction and server.state.is_idle and st.at_boundary:
+            sst = server.state
+            if sst.pinned is None and not sst.unpredictable:
+                self.unlink()
+                self.proxy.checkin(server)
+                if self.proxy.draining and not self.closed:
+                    self.fail(self.proxy.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
+
+    def prelude_failed(self, fields: dict[str, str]) -> None:
+        """Applying the client's startup settings failed, as it would have at connect."""
+        err = ServerError(fields)
+        err.severity = Severity.FATAL
+        self.fail(err)
+
+    # -- output and closing ------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.write(data)
+
+    def fail(self, exc: PgProxyError, *, reason: DisconnectReason | None = None) -> None:
+        """Send an ErrorResponse; a FATAL one also closes the connection."""
+        self.write(messages.error_from_exception(exc))
+        if exc.severity == Severity.FATAL:
+            if reason is None:
+                reason = DisconnectReason.PROTOCOL_ERROR
+                if exc.sqlstate.startswith("08"):
+                    reason = DisconnectReason.CONNECT_FAILED
+            self.close(reason, detail=exc.message)
+
+    def close(self, reason: DisconnectReason, detail: str = "") -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.proxy.note_client_close_reason(self, reason, detail)
+        if self.transport is not None:
+            self.transport.close()

@@ -1,0 +1,581 @@
+"""`Proxy`: owns settings, pools, listeners and tasks; starts, drains and stops.
+
+Every path that gives a server connection back goes through `checkin` (clean → pool or next
+waiter, otherwise close) or `_release_orphan` (its client left: roll back, reset, or close).
+Coroutines here are control work only (server login, cancel, watchdog, shutdown); the data
+path is the protocols' callbacks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import signal
+from dataclasses import dataclass
+
+from pgproxy.config import PoolMode, Settings
+from pgproxy.core.cancel import CancelKeys
+from pgproxy.core.client import ClientPhase, ClientState
+from pgproxy.core.login import (
+    Authenticated,
+    AuthMethod,
+    ClientLogin,
+    UserAuth,
+    user_auth_from_password,
+)
+from pgproxy.core.params import startup_settings
+from pgproxy.core.pool import Pool, PoolKey
+from pgproxy.core.server import ClientView, DisconnectReason
+from pgproxy.core.server_login import ServerCredentials, ServerLogin
+from pgproxy.core.watchdog import idle_servers_to_close
+from pgproxy.errors import PgProxyError, ShutdownError, UnknownDatabaseError
+from pgproxy.net.client_connection import ClientConnection
+from pgproxy.net.connector import open_server, send_cancel
+from pgproxy.net.flow import GateReason
+from pgproxy.net.server_connection import ServerConnection
+from pgproxy.wire.codes import TransactionStatus
+
+log = logging.getLogger("pgproxy")
+
+# A rollback or reset query after a client left should take milliseconds; past this the
+# server is closed rather than waited for.
+RESET_TIMEOUT = 10.0
+CANCEL_TIMEOUT = 5.0
+WATCHDOG_INTERVAL = 1.0
+
+ServerPool = Pool[ServerConnection, ClientConnection]
+
+
+@dataclass(frozen=True, slots=True)
+class PoolTarget:
+    """Where the servers of a pool connect to."""
+
+    dbname: str
+    address: tuple[str, int]
+
+
+class Proxy:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.releases_after_transaction = settings.pool_mode == PoolMode.TRANSACTION
+        self.users: dict[str, UserAuth] = {
+            u.name: user_auth_from_password(u.name, u.password) for u in settings.users
+        }
+        self.pools: dict[PoolKey, ServerPool] = {}
+        self._targets: dict[PoolKey, PoolTarget] = {}
+        self.clients: set[ClientConnection] = set()
+        self.servers: set[ServerConnection] = set()
+        self.cancel_keys: CancelKeys[ClientConnection] = CancelKeys(lambda: secrets.randbits(32))
+        self.draining = False
+        self.login_failures = 0
+        self._ids = itertools.count(1)
+        self._welcome_waiters: dict[PoolKey, list[tuple[ClientConnection, bytes]]] = {}
+        # SCRAM ClientKey per user, recovered from a client login, for pass-through to Postgres.
+        self._client_keys: dict[str, bytes] = {}
+        self._close_reasons: dict[ClientConnection, tuple[DisconnectReason, str]] = {}
+        self._mock_seed = secrets.token_bytes(32)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._listener: asyncio.Server | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._force: asyncio.Event | None = None
+        self._no_clients: asyncio.Event | None = None
+        self.listen_port = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._stop = asyncio.Event()
+        self._force = asyncio.Event()
+        self._no_clients = asyncio.Event()
+        listen = self.settings.listen
+        host: str | None = listen.host or None
+        self._listener = await loop.create_server(
+            lambda: ClientConnection(self), host, listen.port, reuse_address=True, backlog=4096
+        )
+        sock = self._listener.sockets[0]
+        self.listen_port = int(sock.getsockname()[1])
+        self._spawn(self._watchdog())
+        if not self.users and self.settings.auth_type.value != "trust":
+            log.warning("no users configured: every login will fail (see --user)")
+        log.info(
+            "listening on %s:%d, server %s:%d, pool_mode=%s, default_pool_size=%d",
+            listen.host or "*",
+            self.listen_port,
+            self.settings.server.host,
+            self.settings.server.port,
+            self.settings.pool_mode.value,
+            self.settings.default_pool_size,
+        )
+
+    async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT, then drain; a second signal stops at once."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.request_stop)
+        assert self._stop is not None
+        await self._stop.wait()
+        await self.drain()
+        return 0
+
+    def request_stop(self) -> None:
+        assert self._stop is not None and self._force is not None
+        if self._stop.is_set():
+            log.warning("second stop signal: closing all connections now")
+            self._force.set()
+            return
+        log.info("stop requested: no new clients; waiting for linked clients to finish")
+        self._stop.set()
+
+    async def drain(self) -> None:
+        """Stop accepting, let linked clients finish their transaction, then close all."""
+        assert self._force is not None and self._no_clients is not None
+        self.draining = True
+        if self._listener is not None:
+            self._listener.close()
+        for pool in self.pools.values():
+            pool.waiters.clear()
+        for client in list(self.clients):
+            if client.server is None:
+                client.fail(self.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
+        if self.clients:
+            self._no_clients.clear()
+            waits = [
+                asyncio.ensure_future(self._no_clients.wait()),
+                asyncio.ensure_future(self._force.wait()),
+            ]
+            _done, pending = await asyncio.wait(
+                waits,
+                timeout=self.settings.shutdown_timeout,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+            for fut in pending:
+                fut.cancel()
+        for client in list(self.clients):
+            client.fail(self.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
+        for server in list(self.servers):
+            self.close_server(server, DisconnectReason.SHUTDOWN)
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._listener is not None:
+            await self._listener.wait_closed()
+        log.info("stopped")
+
+    def shutdown_error(self) -> PgProxyError:
+        return ShutdownError("pgproxy is shutting down")
+
+    # -- small services the connections use --------------------------------------------------
+
+    def now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def _spawn(self, coro: object) -> None:
+        assert self._loop is not None
+        task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def new_client_login(self) -> ClientLogin:
+        method = AuthMethod(self.settings.auth_type.value)
+        users = self.users
+
+        def lookup(name: str) -> UserAuth | None:
+            auth = users.get(name)
+            if auth is None and method is AuthMethod.TRUST:
+                return UserAuth(name=name, password=None, scram=None, md5=None)
+            return auth
+
+        return ClientLogin(
+            auth_method=method,
+            lookup_user=lookup,
+            random_bytes=secrets.token_bytes,
+            mock_seed=self._mock_seed,
+        )
+
+    def count_login_failure(self) -> None:
+        self.login_failures += 1
+
+    # -- clients -----------------------------------------------------------------------------
+
+    def client_connected(self, client: ClientConnection) -> bool:
+        """Register a new client; False when it is over `max_client_conn`."""
+        if self.draining or len(self.clients) >= self.settings.max_client_conn:
+            self._close_reasons[client] = (DisconnectReason.TOO_MANY_CLIENTS, "")
+            return False
+        self.clients.add(client)
+        return True
+
+    def client_authenticated(self, client: ClientConnection, event: Authenticated) -> None:
+        target = self._resolve(event.database)
+        if target is None:
+            raise UnknownDatabaseError(f'database "{event.database}" does not exist')
+        wanted = startup_settings(event.params)
+        if event.client_key is not None:
+            self._client_keys[event.user] = event.client_key
+        key = PoolKey(event.database, event.user)
+        pool = self.pools.get(key)
+        if pool is None:
+            entry = self.settings.databases.get(event.database)
+            size = entry.pool_size if entry is not None and entry.pool_size else None
+            size = size or self.settings.default_pool_size
+            pool = Pool(key=key, size=size, min_size=min(self.settings.min_pool_size, size))
+            self.pools[key] = pool
+            self._targets[key] = target
+        state = ClientState(
+            id=client.id,
+            user=event.user,
+            database=event.database,
+            connected_at=self.now(),
+            view=ClientView(wanted, {}),
+        )
+        client.pool = pool
+        client.start_session(state, self.cancel_keys.allocate(client))
+        log.info(
+            "%r login: user=%s database=%s application_name=%s from %s",
+            client,
+            event.user,
+            event.database,
+            client.application_name or "-",
+            client.address,
+        )
+        if pool.welcome is not None:
+            client.finish_login(pool.welcome, event.leftover)
+            return
+        # The first client of a pool waits for a server: its parameters are what we tell
+        # clients at login (server_version, server_encoding, ...).
+        assert client.gate is not None
+        client.gate.add(GateReason.WAITING_FOR_SERVER)
+        self._welcome_waiters.setdefault(key, []).append((client, event.leftover))
+        if pool.connecting == 0:
+            self._launch(pool, 1)
+
+    def _resolve(self, database: str) -> PoolTarget | None:
+        settings = self.settings
+        upstream = settings.server
+        entry = settings.databases.get(database)
+        if entry is not None:
+            return PoolTarget(
+                dbname=entry.dbname or database,
+                address=(entry.host or upstream.host, entry.port or upstream.port),
+            )
+        if settings.databases and not upstream.dbname:
+            return None
+        return PoolTarget(
+            dbname=upstream.dbname or database, address=(upstream.host, upstream.port)
+        )
+
+    def request_server(self, client: ClientConnection) -> None:
+        pool = client.pool
+        assert pool is not None
+        if self.draining:
+            client.fail(self.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
+            return
+        server = pool.checkout(client, self.now())
+        if server is not None:
+            client.link(server)
+            return
+        self._replenish(pool)
+
+    def note_client_close_reason(
+        self, client: ClientConnection, reason: DisconnectReason, detail: str
+    ) -> None:
+        self._close_reasons.setdefault(client, (reason, detail))
+
+    def client_lost(self, client: ClientConnection) -> None:
+        reason, detail = self._close_reasons.pop(client, (DisconnectReason.CLIENT_CLOSE, ""))
+        if client not in self.clients:
+            return  # refused over max_client_conn: never registered
+        self.clients.discard(client)
+        if client.cancel_key is not None:
+            self.cancel_keys.release(client.cancel_key[0])
+        pool = client.pool
+        state = client.state
+        if pool is not None:
+            pool.cancel_wait(client)
+            waiters = self._welcome_waiters.get(pool.key)
+            if waiters:
+                waiters[:] = [w for w in waiters if w[0] is not client]
+        server = client.unlink()
+        if server is not None and state is not None:
+            self._release_orphan(server, client_at_boundary=state.at_boundary)
+        if state is not None or reason is not DisconnectReason.CLIENT_CLOSE:
+            log.info(
+                "%r disconnected (%s%s) user=%s database=%s from %s after %.1f s",
+                client,
+                reason.value,
+                f": {detail}" if detail else "",
+                state.user if state else "-",
+                state.database if state else "-",
+                client.address,
+                self.now() - state.connected_at if state else 0.0,
+            )
+        if self.draining and not self.clients and self._no_clients is not None:
+            self._no_clients.set()
+
+    def cancel(self, pid: int, secret: int) -> None:
+        """A CancelRequest with a key we handed out: cancel on the client's current server."""
+        client = self.cancel_keys.lookup(pid, secret)
+        if client is None:
+            return
+        server = client.server
+        if server is None or server.state is None or server.state.backend_key is None:
+            return  # nothing runs for this client now
+        self._spawn(send_cancel(server.address, server.state.backend_key, CANCEL_TIMEOUT))
+
+    # -- servers -----------------------------------------------------------------------------
+
+    def _replenish(self, pool: ServerPool) -> None:
+        need = pool.launches_needed()
+        if need and not self.draining:
+            self._launch(pool, need)
+
+    def _launch(self, pool: ServerPool, count: int) -> None:
+        for _ in range(count):
+            pool.connecting += 1
+            self._spawn(self._open_server(pool))
+
+    async def _open_server(self, pool: ServerPool) -> None:
+        target = self._targets[pool.key]
+        login = ServerLogin(
+            database=target.dbname, credentials=self._credentials(pool.key.user), params={}
+        )
+        try:
+            conn = await open_server(
+                self,
+                pool,
+                login,
+                self.next_id(),
+                target.address,
+                self.settings.server_connect_timeout,
+            )
+        except PgProxyError as exc:
+            pool.connecting -= 1
+            self._connect_failed(pool, exc)
+            return
+        except BaseException:
+            pool.connecting -= 1
+            raise
+        assert conn.state is not None
+        self.servers.add(conn)
+        log.info(
+            "%r connected to %s:%d for pool %s (backend pid %s)",
+            conn,
+            target.address[0],
+            target.address[1],
+            pool.key,
+            conn.state.backend_key[0] if conn.state.backend_key else "?",
+        )
+        if pool.welcome is None:
+            pool.welcome = dict(conn.state.params)
+            for client, leftover in self._welcome_waiters.pop(pool.key, []):
+                if not client.closed:
+                    client.finish_login(pool.welcome, leftover)
+        if self.draining:
+            pool.connecting -= 1
+            self.close_server(conn, DisconnectReason.SHUTDOWN)
+            return
+        waiter = pool.add_connected(conn, self.now())
+        if waiter is not None:
+            waiter.link(conn)
+
+    def _credentials(self, user: str) -> ServerCredentials:
+        upstream = self.settings.server
+        if upstream.user:
+            return ServerCredentials(user=upstream.user, password=upstream.password)
+        auth = self.users.get(user)
+        if auth is None:
+            return ServerCredentials(user=user)
+        return ServerCredentials(
+            user=user,
+            password=auth.password,
+            md5=auth.md5,
+            scram=auth.scram if auth.password is None else None,
+            client_key=self._client_keys.get(user),
+        )
+
+    def _connect_failed(self, pool: ServerPool, exc: PgProxyError) -> None:
+        log.warning("pool %s: %s", pool.key, exc.message)
+        if pool.total > 0:
+            return  # the servers it has will serve the waiters (or query_wait_timeout will)
+        waiting = list(pool.waiters)
+        pool.waiters.clear()
+        waiting.extend(c for c, _ in self._welcome_waiters.pop(pool.key, []))
+        for client in waiting:
+            client.fail(exc, reason=DisconnectReason.CONNECT_FAILED)
+
+    def checkin(self, server: ServerConnection) -> None:
+        """A server its client is done with: clean → next waiter or idle; otherwise close."""
+        st = server.state
+        pool = server.pool
+        assert st is not None
+        if server.closed:
+            return
+        now = self.now()
+        if self.draining:
+            self.close_server(server, DisconnectReason.SHUTDOWN)
+            return
+        if not st.is_clean(pool.welcome or {}):
+            self.close_server(server, DisconnectReason.DIRTY)
+            return
+        lifetime = self.settings.server_lifetime
+        if lifetime > 0 and now - st.created_at >= lifetime:
+            self.close_server(server, DisconnectReason.LIFETIME)
+            return
+        st.last_used_at = now
+        client = pool.checkin(server, now)
+        if client is not None:
+            client.link(server)
+
+    def _release_orphan(self, server: ServerConnection, *, client_at_boundary: bool) -> None:
+        """The client of `server` left. Roll back and reset it, or close it."""
+        st = server.state
+        assert st is not None
+        if (
+            not client_at_boundary
+            or st.queue
+            or st.copy_in
+            or not st.scanner.at_boundary
+            or st.segment != 0
+            or st.unpredictable
+            or st.fatal
+        ):
+            # Mid-query, mid-COPY or mid-message: the only certain way out is to close. A
+            # cancel first, because a backend busy in a query notices a closed socket late.
+            if st.queue and not st.copy_in and st.backend_key is not None:
+                self._spawn(send_cancel(server.address, st.backend_key, CANCEL_TIMEOUT))
+            self.close_server(server, DisconnectReason.CLIENT_GONE_MID_QUERY)
+            return
+        queries = []
+        if st.transaction_status != TransactionStatus.IDLE:
+            queries.append("ROLLBACK")
+        reset = self.settings.server_reset_query
+        server.resets_session = False
+        if not self.releases_after_transaction or st.pinned is not None:
+            if not reset:
+                self.close_server(server, DisconnectReason.DIRTY)
+                return
+            queries.append(reset)
+            server.resets_session = True
+        if not queries:
+            self.checkin(server)
+            return
+        server.pool.start_reset(server)
+        server.reset_started_at = self.now()
+        server.write(b"".join(st.send_proxy_query(q) for q in queries))
+
+    def finish_reset(self, server: ServerConnection) -> None:
+        st = server.state
+        assert st is not None
+        server.reset_started_at = None
+        if st.proxy_error is not None or not st.is_idle:
+            self.close_server(server, DisconnectReason.RESET_FAILED)
+            return
+        if server.resets_session:
+            st.pinned = None
+            reset = self.settings.server_reset_query.upper()
+            if "DISCARD ALL" in reset or "RESET ALL" in reset:
+                st.applied.clear()
+        self.checkin(server)
+
+    def close_server(self, server: ServerConnection, reason: DisconnectReason) -> None:
+        if server.closed:
+            return
+        pool = server.pool
+        pool.remove(server)
+        self.servers.discard(server)
+        log.info("%r closed (%s)", server, reason.value)
+        client = server.client
+        server.close()
+        if client is not None:
+            client.unlink()
+            client.fail(
+                PgProxyError(f"server connection closed ({reason.value})", sqlstate="08006"),
+                reason=DisconnectReason.SERVER_CLOSE,
+            )
+        self._replenish(pool)
+
+    def server_lost(self, server: ServerConnection) -> None:
+        if server not in self.servers:
+            return  # never logged in, or already closed by us
+        self.servers.discard(server)
+        server.closed = True
+        pool = server.pool
+        pool.remove(server)
+        st = server.state
+        reason = DisconnectReason.SERVER_FATAL if st and st.fatal else DisconnectReason.SERVER_CLOSE
+        log.info("%r lost (%s)", server, reason.value)
+        client = server.client
+        if client is not None:
+            client.unlink()
+            client.fail(
+                PgProxyError("server connection lost", sqlstate="08006"),
+                reason=DisconnectReason.SERVER_CLOSE,
+            )
+        self._replenish(pool)
+
+    # -- maintenance -------------------------------------------------------------------------
+
+    async def _watchdog(self) -> None:
+        while True:
+            await asyncio.sleep(WATCHDOG_INTERVAL)
+            try:
+                self.tick(self.now())
+            except Exception:
+                log.exception("watchdog tick failed")
+
+    def tick(self, now: float) -> None:
+        settings = self.settings
+        for pool in list(self.pools.values()):
+            for client in pool.expired_waiters(now, settings.query_wait_timeout):
+                client.fail(
+                    PgProxyError(
+                        f"query_wait_timeout: no server connection for pool {pool.key} "
+                        f"within {settings.query_wait_timeout:g} s",
+                        sqlstate="57014",
+                    ),
+                    reason=DisconnectReason.WAIT_TIMEOUT,
+                )
+            idle = [
+                (server, since, server.state.created_at)
+                for server, since in pool.idle_servers()
+                if server.state is not None
+            ]
+            for server, reason in idle_servers_to_close(
+                idle,
+                now=now,
+                keep=pool.min_size,
+                idle_timeout=settings.server_idle_timeout,
+                lifetime=settings.server_lifetime,
+            ):
+                self.close_server(server, reason)
+            for server in list(pool.resetting):
+                started = server.reset_started_at
+                if started is not None and now - started > RESET_TIMEOUT:
+                    self.close_server(server, DisconnectReason.RESET_FAILED)
+            if pool.welcome is not None:
+                self._replenish(pool)
+
+
+def serve(settings: Settings) -> int:
+    """Run a proxy until it is stopped; uvloop when installed."""
+    try:
+        import uvloop
+
+        loop_factory = uvloop.new_event_loop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
+        loop_factory = None
+    with asyncio.Runner(loop_factory=loop_factory) as runner:
+        return runner.run(Proxy(settings).run())
+
+
+__all__ = ["ClientPhase", "Proxy", "serve"]
