@@ -1,0 +1,167 @@
+"""`MessageScanner`: frames a stream of typed v3 messages and surfaces only the watched ones.
+
+This is the data path's hot loop. Rules of this file:
+
+* jump from length to length; never copy or decode the body of a message nobody watches;
+* keep state between chunks as small as possible: at most a split 5-byte header, the body of
+  a split *watched* message (capped at ``keep`` bytes) and a count of bytes still to skip;
+* pure: no I/O, no logging, no clock. Bad framing raises `ProtocolError` and nothing else.
+
+Every message after startup is ``type:1 byte, length:int32 (counting itself), body``
+(PostgreSQL docs, "Frontend/Backend Protocol" → "Message Formats").
+"""
+
+import struct
+from collections.abc import Iterable
+
+from pgproxy.errors import ProtocolError
+
+Frame = tuple[int, bytes, int]
+
+_HEADER = 5  # the type byte and the int32 length
+_unpack_length = struct.Struct("!i").unpack_from
+
+# Returned when nothing watched completed, to avoid allocating a list per chunk. Read-only.
+_NO_FRAMES: list[Frame] = []
+
+
+class MessageScanner:
+    """Feed it chunks as received; get ``(code, body, end)`` for watched messages completed.
+
+    ``end`` is the offset in the chunk just past the message, so the caller can split the
+    chunk there (for example at a ReadyForQuery). After a `ProtocolError` the stream is lost:
+    call `reset` or drop the scanner.
+    """
+
+    __slots__ = ("_body", "_code", "_header", "_keep", "_max_length", "_skip", "_want", "_watched")
+
+    def __init__(
+        self, watched: Iterable[int], *, keep: int = 1 << 20, max_length: int = 1 << 30
+    ) -> None:
+        table = bytearray(256)
+        for code in watched:
+            table[code] = 1
+        self._watched = bytes(table)  # 256 flags: indexing beats hashing on the hot path
+        self._keep = keep
+        self._max_length = max_length
+        self._header = bytearray()  # a header split across chunks (fewer than 5 bytes)
+        self._code = -1  # type of the split watched message being collected, -1 if none
+        self._body = bytearray()  # what was collected of that message's body so far
+        self._want = 0  # body bytes still to collect into _body (bounded by keep)
+        self._skip = 0  # bytes still to skip: an unwatched body, or a watched one past keep
+
+    @property
+    def at_boundary(self) -> bool:
+        """True when no partial message (header or body) is pending."""
+        return not self._header and self._code < 0 and self._skip == 0
+
+    def reset(self) -> None:
+        """Forget any partial message, as if the scanner were new."""
+        self._header.clear()
+        self._code = -1
+        self._body = bytearray()
+        self._want = 0
+        self._skip = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Frame]:
+        """Scan one chunk; return the watched messages that complete in it.
+
+        The returned list is shared and must not be mutated when it is empty.
+        """
+        n = len(data)
+        pos = 0
+        out = _NO_FRAMES
+
+        if self._header:
+            # Complete a header split by the previous chunk, then treat its body as pending.
+            missing = _HEADER - len(self._header)
+            self._header += data[:missing]
+            if len(self._header) < _HEADER:
+                return out
+            pos = missing
+            header = self._header
+            code = header[0]
+            length = _unpack_length(header, 1)[0]
+            header.clear()
+            self._check_length(code, length)
+            size = length - 4
+            if self._watched[code]:
+                self._code = code
+                self._body = bytearray()
+                self._want = size if size <= self._keep else self._keep
+                self._skip = size - self._want
+            else:
+                self._skip = size
+
+        if self._code >= 0:
+            # Continue collecting a split watched message.
+            if self._want:
+                take = min(self._want, n - pos)
+                self._body += data[pos : pos + take]
+                self._want -= take
+                pos += take
+            if self._skip:
+                take = min(self._skip, n - pos)
+                self._skip -= take
+                pos += take
+            if self._want or self._skip:
+                return out
+            out = [(self._code, bytes(self._body), pos)]
+            self._code = -1
+            self._body = bytearray()
+        elif self._skip:
+            # Continue skipping a split unwatched body.
+            take = min(self._skip, n - pos)
+            self._skip -= take
+            pos += take
+            if self._skip:
+                return out
+
+        watched = self._watched
+        keep = self._keep
+        max_length = self._max_length
+        while pos < n:
+            if n - pos < _HEADER:
+                self._header = bytearray(data[pos:n])
+                break
+            code = data[pos]
+            length = _unpack_length(data, pos + 1)[0]
+            if length < 4 or length > max_length:
+                self._check_length(code, length)
+            start = pos + _HEADER
+            end = pos + 1 + length
+            if not watched[code]:
+                if end > n:
+                    self._skip = end - n
+                    break
+                pos = end
+                continue
+            size = length - 4
+            if end <= n:
+                stop = end if size <= keep else start + keep
+                frame = (code, bytes(data[start:stop]), end)
+                if out is _NO_FRAMES:
+                    out = [frame]
+                else:
+                    out.append(frame)
+                pos = end
+                continue
+            # A watched message split across chunks: keep at most `keep` bytes of it.
+            take = size if size <= keep else keep
+            self._code = code
+            self._body = bytearray(data[start : min(start + take, n)])
+            self._want = take - len(self._body)
+            self._skip = size - take - (n - start - len(self._body))
+            break
+        return out
+
+    def _check_length(self, code: int, length: int) -> None:
+        if length < 4:
+            raise ProtocolError(
+                f"invalid message length {length} for message type {chr(code)!r}: less than 4"
+            )
+        if length > self._max_length:
+            raise ProtocolError(
+                f"invalid message length {length} for message type {chr(code)!r}: "
+                f"over the limit of {self._max_length}"
+            )
