@@ -1,0 +1,44 @@
+"""Fixtures shared by every test directory: one throw-away PostgreSQL cluster per run.
+
+The cluster is session-scoped because initdb + start costs about a second; tests must
+therefore leave it as they found it (drop what they create, close their connections).
+Proxy fixtures live next to the tests that use them (tests/e2e/conftest.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from pgproxy.localpg import Credentials, LocalPostgres
+
+# The ordinary application login every e2e test connects as: not a superuser, owns its database.
+APP = Credentials(user="app", password="app-secret", database="app")
+
+
+@pytest.fixture(scope="session")
+def pg() -> Iterator[LocalPostgres]:
+    """A started cluster (SCRAM-SHA-256, max_connections=30) with the `app` login and database."""
+    with LocalPostgres(max_connections=30) as cluster:
+        cluster.create_user(APP.user, APP.password)
+        cluster.create_database(APP.database, owner=APP.user)
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def app_credentials() -> Credentials:
+    return APP
+
+
+@pytest.fixture
+def pg_backends(pg: LocalPostgres) -> Callable[..., int]:
+    """`pg_backends(user="app", database=None)`: live client backends of that user on `pg`.
+
+    The superuser connection doing the counting is not included.
+    """
+
+    def count(user: str | None = APP.user, database: str | None = None) -> int:
+        return pg.backends(user=user, database=database)
+
+    return count
