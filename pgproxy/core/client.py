@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pgproxy.core.server import FRONTEND_WATCHED, ClientView
+from pgproxy.errors import ProtocolError
 from pgproxy.wire.codes import FrontendCode
 from pgproxy.wire.scanner import MessageScanner
 
@@ -33,6 +34,8 @@ class ClientState:
     pending_msgs: list[tuple[int, bytes, int]] = field(default_factory=list)
     # Terminate received: nothing after it is read.
     terminated: bool = False
+    # Part of a Terminate already went to the server (it was split across reads).
+    torn: bool = False
     scanner: MessageScanner = field(default_factory=lambda: MessageScanner(FRONTEND_WATCHED))
 
     def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, bytes, int]]]:
@@ -43,9 +46,16 @@ class ClientState:
         """
         msgs = self.scanner.feed(data)
         if msgs:
-            for i, (code, _body, end) in enumerate(msgs):
+            for i, (code, body, end) in enumerate(msgs):
                 if code == FrontendCode.TERMINATE:
+                    if body:
+                        raise ProtocolError("invalid Terminate message: it has a body")
                     self.terminated = True
+                    if end < 5:
+                        # The start of it went out with the previous read: that server now
+                        # holds half a message and must not serve anyone else.
+                        self.torn = True
+                        return b"", msgs[:i]
                     return data[: end - 5], msgs[:i]
         return data, msgs
 
@@ -70,4 +80,4 @@ class ClientState:
     @property
     def at_boundary(self) -> bool:
         """No half-received message: the server has not been given part of one."""
-        return self.scanner.at_boundary
+        return self.scanner.at_boundary and not self.torn

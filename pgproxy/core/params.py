@@ -124,6 +124,11 @@ def quote_literal(value: str) -> str:
     return "E'" + value.replace("\\", "\\\\").replace("'", "''") + "'"
 
 
+def quote_name(name: str) -> str:
+    """Quote each part of a (validated) setting name, so that no name reads as a keyword."""
+    return ".".join('"' + part + '"' for part in name.split("."))
+
+
 def build_prelude(wanted: Mapping[str, str], applied: Mapping[str, str]) -> str | None:
     """SQL that turns a server's `applied` settings into the client's `wanted` ones, or None.
 
@@ -135,7 +140,7 @@ def build_prelude(wanted: Mapping[str, str], applied: Mapping[str, str]) -> str 
         for name, value in wanted.items()
         if applied.get(name) != value
     ]
-    resets = [f"RESET {name}" for name in applied if name not in wanted]
+    resets = [f"RESET {quote_name(name)}" for name in applied if name not in wanted]
     if not calls and not resets:
         return None
     statements = []

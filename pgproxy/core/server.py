@@ -148,7 +148,13 @@ class ServerState:
         Settings the proxy tracks are replayed per client; any other reported parameter that
         differs from a fresh connection's (e.g. session_authorization) is leftover state.
         """
-        if not self.is_idle or self.unpredictable or self.pinned or self.fatal:
+        if (
+            not self.is_idle
+            or self.unpredictable
+            or self.pinned
+            or self.fatal
+            or self.proxy_error is not None
+        ):
             return False
         for name, value in self.params.items():
             if name.lower() in TRACKED_STARTUP_PARAMS:
@@ -197,7 +203,11 @@ class ServerState:
                     self.segment = _SEG_PRE
 
     def send_proxy_query(self, sql: str) -> bytes:
-        """A Query message of the proxy's own; everything it produces is kept from the client."""
+        """A Query message of the proxy's own; everything it produces is kept from the client.
+
+        Only when the server owes the client nothing: swallowing starts at a chunk boundary.
+        """
+        assert all(entry == _PROXY for entry in self.queue)
         self.queue.append(_PROXY)
         if len(self.queue) == 1:
             self.swallowing = True

@@ -26,14 +26,19 @@ def idle_servers_to_close(
     Past `lifetime` a server is replaced whatever `keep` says (the warm-up tops the pool up
     again); past `idle_timeout` it is closed only while the pool stays above `keep`.
     """
-    chosen: list[tuple[S, DisconnectReason]] = []
     entries = list(idle)
-    surplus = len(entries) - keep
-    for server, idle_since, created_at in entries:
-        if lifetime > 0 and now - created_at >= lifetime:
-            chosen.append((server, DisconnectReason.LIFETIME))
-            surplus -= 1
-        elif idle_timeout > 0 and surplus > 0 and now - idle_since >= idle_timeout:
+    chosen: list[tuple[S, DisconnectReason]] = [
+        (server, DisconnectReason.LIFETIME)
+        for server, _idle_since, created_at in entries
+        if lifetime > 0 and now - created_at >= lifetime
+    ]
+    # Count the lifetime closes first, so that the idle ones never take the pool below keep.
+    surplus = len(entries) - len(chosen) - keep
+    old = {id(server) for server, _ in chosen}
+    for server, idle_since, _created_at in entries:
+        if surplus <= 0:
+            break
+        if id(server) not in old and idle_timeout > 0 and now - idle_since >= idle_timeout:
             chosen.append((server, DisconnectReason.IDLE_TIMEOUT))
             surplus -= 1
     return chosen

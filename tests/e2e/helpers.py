@@ -1,0 +1,55 @@
+"""Small helpers for end-to-end tests: connecting through the proxy, polling, killing sockets."""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+import psycopg
+
+T = TypeVar("T")
+
+APP_PASSWORD = "app-secret"
+
+
+def conninfo(
+    port: int, *, user: str = "app", password: str = APP_PASSWORD, dbname: str = "app", **extra: str
+) -> str:
+    parts = [f"host=127.0.0.1 port={port} user={user} password={password} dbname={dbname}"]
+    parts.extend(f"{k}={v}" for k, v in extra.items())
+    return " ".join(parts)
+
+
+def connect(port: int, **kwargs: object) -> psycopg.Connection:
+    kwargs.setdefault("autocommit", True)
+    kwargs.setdefault("prepare_threshold", None)
+    return psycopg.connect(conninfo(port), **kwargs)  # type: ignore[arg-type]
+
+
+def wait_for(
+    predicate: Callable[[], T],
+    *,
+    timeout: float = 10.0,
+    interval: float = 0.02,
+    what: str = "condition",
+) -> T:
+    """Poll `predicate` until it returns something truthy; fail after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+def kill_socket(conn: psycopg.Connection) -> None:
+    """Cut a client's TCP connection without a Terminate message, as a killed process would."""
+    sock = socket.socket(fileno=conn.fileno())
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    finally:
+        sock.detach()
