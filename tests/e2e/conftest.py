@@ -83,7 +83,9 @@ class ProxyThread:
 
 
 @pytest.fixture
-def make_proxy(pg: LocalPostgres, app_credentials: Credentials) -> Iterator[Callable[..., ProxyThread]]:
+def make_proxy(
+    pg: LocalPostgres, app_credentials: Credentials
+) -> Iterator[Callable[..., ProxyThread]]:
     """`make_proxy(default_pool_size="2", ...)`: start a proxy with these settings overridden."""
     started: list[ProxyThread] = []
 
