@@ -35,7 +35,7 @@ from pgproxy.net.client_connection import ClientConnection
 from pgproxy.net.connector import open_server, send_cancel
 from pgproxy.net.flow import GateReason
 from pgproxy.net.server_connection import ServerConnection
-from pgproxy.wire.codes import TransactionStatus
+from pgproxy.wire.codes import SqlState, TransactionStatus
 
 log = logging.getLogger("pgproxy")
 
@@ -75,6 +75,8 @@ class Proxy:
         # SCRAM ClientKey per user, recovered from a client login, for pass-through to Postgres.
         self._client_keys: dict[str, bytes] = {}
         self._close_reasons: dict[ClientConnection, tuple[DisconnectReason, str]] = {}
+        # Clients holding a server in an open transaction with nothing running, and since when.
+        self.idle_in_transaction: dict[ClientConnection, float] = {}
         self._mock_seed = secrets.token_bytes(32)
         self._tasks: set[asyncio.Task[None]] = set()
         self._listener: asyncio.Server | None = None
@@ -296,6 +298,7 @@ class Proxy:
         if client not in self.clients:
             return  # refused over max_client_conn: never registered
         self.clients.discard(client)
+        self.idle_in_transaction.pop(client, None)
         if client.cancel_key is not None:
             self.cancel_keys.release(client.cancel_key[0])
         pool = client.pool
@@ -535,6 +538,19 @@ class Proxy:
 
     def tick(self, now: float) -> None:
         settings = self.settings
+        limit = settings.idle_transaction_timeout
+        if limit > 0:
+            for client, since in list(self.idle_in_transaction.items()):
+                if now - since >= limit:
+                    # Its server is rolled back and pooled again by client_lost.
+                    client.fail(
+                        PgProxyError(
+                            "terminating connection due to idle-in-transaction timeout "
+                            f"(idle_transaction_timeout {limit:g} s)",
+                            sqlstate=SqlState.IDLE_IN_TRANSACTION_TIMEOUT,
+                        ),
+                        reason=DisconnectReason.IDLE_TRANSACTION_TIMEOUT,
+                    )
         for pool in list(self.pools.values()):
             for client in pool.expired_waiters(now, settings.query_wait_timeout):
                 client.fail(

@@ -79,6 +79,7 @@ class DisconnectReason(Enum):
     LOGIN_FAILED = "login_failed"
     LOGIN_TIMEOUT = "login_timeout"
     WAIT_TIMEOUT = "query_wait_timeout"
+    IDLE_TRANSACTION_TIMEOUT = "idle_transaction_timeout"
     CONNECT_FAILED = "connect_failed"
     TOO_MANY_CLIENTS = "max_client_conn"
     DIRTY = "dirty"

@@ -39,6 +39,7 @@ class ClientConnection(asyncio.Protocol):
         "closed",
         "gate",
         "id",
+        "idle_in_transaction_since",
         "pool",
         "proxy",
         "server",
@@ -63,6 +64,8 @@ class ClientConnection(asyncio.Protocol):
         self.application_name = ""
         self.write_paused = False
         self.closed = False
+        # Set while the client holds a server inside a transaction and has nothing running.
+        self.idle_in_transaction_since: float | None = None
 
     def __repr__(self) -> str:
         return f"C-{self.id}"
@@ -207,6 +210,9 @@ class ClientConnection(asyncio.Protocol):
         st = self.state
         assert st is not None
         out, msgs = st.feed(data)
+        if self.idle_in_transaction_since is not None:
+            self.idle_in_transaction_since = None
+            self.proxy.idle_in_transaction.pop(self, None)
         server = self.server
         if server is not None:
             if out:
@@ -268,13 +274,26 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         st = self.state
         assert server is not None and server.state is not None and st is not None
-        if self.proxy.releases_after_transaction and server.state.is_idle and st.at_boundary:
-            sst = server.state
-            if sst.pinned is None and not sst.unpredictable:
-                self.unlink()
-                self.proxy.checkin(server)
-                if self.proxy.draining and not self.closed:
-                    self.fail(self.proxy.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
+        sst = server.state
+        at_rest = sst.is_idle and st.at_boundary
+        if at_rest and self.proxy.draining:
+            # Shutting down: the transaction is over, in either pool mode; the server is
+            # cleaned up by client_lost like any other.
+            self.fail(self.proxy.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
+            return
+        if (
+            at_rest
+            and self.proxy.releases_after_transaction
+            and sst.pinned is None
+            and not sst.unpredictable
+        ):
+            self.unlink()
+            self.proxy.checkin(server)
+            return
+        if sst.transaction_status != TransactionStatus.IDLE:
+            now = self.proxy.now()
+            self.idle_in_transaction_since = now
+            self.proxy.idle_in_transaction[self] = now
 
     def prelude_failed(self, fields: dict[str, str]) -> None:
         """Applying the client's startup settings failed, as it would have at connect."""

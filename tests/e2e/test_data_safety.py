@@ -148,3 +148,22 @@ def test_client_vanishing_between_transactions_keeps_server_in_pool(
     a.close()
     with connect(proxy.port) as b:
         assert b.execute("SELECT pg_backend_pid()").fetchone()[0] == pid_a
+
+
+def test_idle_transaction_timeout_ends_the_client_and_returns_its_server_rolled_back(
+    pg: LocalPostgres, make_proxy, counter_table
+) -> None:
+    proxy = make_proxy(default_pool_size="1", idle_transaction_timeout="1")
+    a = connect(proxy.port)
+    a.execute("BEGIN")
+    a.execute("UPDATE safety SET v = 99 WHERE id = 1")
+    pid_a = a.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with connect(proxy.port) as b:
+        # b waits for the only server until the watchdog ends a's idle transaction.
+        pid_b, value = b.execute("SELECT pg_backend_pid(), v FROM safety WHERE id = 1").fetchone()
+    assert pid_b == pid_a, "the server should have been rolled back and reused, not closed"
+    assert value == 0
+    with pytest.raises(psycopg.errors.IdleInTransactionSessionTimeout) as info:
+        a.execute("SELECT 1")
+    assert "idle-in-transaction timeout" in str(info.value)
+    a.close()
