@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pgproxy.core.params import TRACKED_STARTUP_PARAMS
+from pgproxy.core.session_state import pins_session
 from pgproxy.wire import messages
 from pgproxy.wire.codes import BackendCode, FrontendCode, TransactionStatus
 from pgproxy.wire.scanner import MessageScanner
@@ -182,6 +183,8 @@ class ServerState:
             if code in (_Q, _F):
                 self.queue.append(code)
                 self.segment = _SEG_EMPTY
+                if code == _Q and self.pinned is None:
+                    self._pin_for(pins_session(body))
             elif code == _S:
                 self.queue.append(_S | (self.segment << 8))
                 self.segment = _SEG_EMPTY
@@ -195,13 +198,21 @@ class ServerState:
                 if self.queue or self.segment != _SEG_EMPTY:
                     self.unpredictable = True
             else:
-                if code == _P and body[:1] not in (b"", b"\x00") and self.pinned is None:
-                    # A named prepared statement lives on this server only.
-                    self.pinned = "named prepared statement"
+                if code == _P and self.pinned is None:
+                    if body[:1] not in (b"", b"\x00"):
+                        # A named prepared statement lives on this server only.
+                        self.pinned = "named prepared statement"
+                    else:
+                        self._pin_for(pins_session(body[body.find(b"\x00") + 1 :]))
                 if self.segment == _SEG_ONE_EXECUTE:
                     self.segment = _SEG_DIRTY
                 elif self.segment == _SEG_EMPTY:
                     self.segment = _SEG_PRE
+
+    def _pin_for(self, reason: str | None) -> None:
+        self.pinned = reason
+        if reason == "LOAD":
+            self.unpredictable = True  # a loaded library cannot be unloaded: close it later
 
     def send_proxy_query(self, sql: str) -> bytes:
         """A Query message of the proxy's own; everything it produces is kept from the client.

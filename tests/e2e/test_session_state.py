@@ -1,0 +1,51 @@
+"""Session state the pool cannot move keeps its client on one server, and never leaks."""
+
+from __future__ import annotations
+
+from pgproxy.localpg import LocalPostgres
+
+from .helpers import connect
+
+
+def test_set_of_an_untracked_parameter_never_reaches_another_client(
+    pg: LocalPostgres, make_proxy
+) -> None:
+    proxy = make_proxy(default_pool_size="2")
+    a = connect(proxy.port)
+    a.execute("SET work_mem = '7MB'")
+    pid_a = a.execute("SELECT pg_backend_pid()").fetchone()[0]
+    for _ in range(5):
+        with connect(proxy.port) as b:
+            assert b.execute("SHOW work_mem").fetchone()[0] == "4MB"
+        # The pinned client keeps its server and its setting across transactions.
+        assert a.execute("SELECT pg_backend_pid(), current_setting('work_mem')").fetchone() == (
+            pid_a,
+            "7MB",
+        )
+    a.close()
+    # Once it left, its server was reset before reuse.
+    with connect(proxy.port) as c, connect(proxy.port) as d:
+        c.execute("BEGIN")
+        d.execute("BEGIN")
+        rows = [x.execute("SELECT current_setting('work_mem')").fetchone()[0] for x in (c, d)]
+        assert rows == ["4MB", "4MB"]
+
+
+def test_temp_table_and_advisory_lock_are_dropped_before_the_server_is_reused(
+    pg: LocalPostgres, make_proxy
+) -> None:
+    proxy = make_proxy(default_pool_size="1")
+    with connect(proxy.port) as a:
+        a.execute("CREATE TEMP TABLE scratch (a int)")
+        a.execute("SELECT pg_advisory_lock(4242)")
+        pid_a = a.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with connect(proxy.port) as b:
+        pid_b, temp_tables = b.execute(
+            "SELECT pg_backend_pid(), count(*) FROM pg_class WHERE relname = 'scratch'"
+        ).fetchone()
+        locks = b.execute(
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242"
+        ).fetchone()[0]
+    assert pid_b == pid_a
+    assert temp_tables == 0
+    assert locks == 0

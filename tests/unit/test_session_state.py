@@ -1,0 +1,64 @@
+"""Which SQL pins a client to its server connection (state the pool cannot move)."""
+
+import pytest
+
+from pgproxy.core.session_state import pins_session
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        b"SET work_mem = '64MB'",
+        b"set statement_timeout to 5000\x00",
+        b"SET SESSION search_path = app, public",
+        b"RESET work_mem",
+        b"SET SESSION AUTHORIZATION other",
+        b"SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
+        b"BEGIN; SET lock_timeout = 1; COMMIT",
+        b"SELECT pg_advisory_lock(42)",
+        b"SELECT pg_try_advisory_lock_shared(1, 2)",
+        b"SELECT set_config('myapp.tenant', '7', false)",
+        b"LISTEN jobs",
+        b"PREPARE q AS SELECT 1",
+        b"DECLARE c CURSOR WITH HOLD FOR SELECT 1",
+        b"declare c no scroll cursor with hold for select 1",
+        b"CREATE TEMP TABLE t (a int)",
+        b"CREATE TEMPORARY TABLE t (a int)",
+        b"CREATE GLOBAL TEMPORARY TABLE t (a int)",
+        b"CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+        b"LOAD 'auto_explain'",
+        b"  -- comment\n  /* block */ SET work_mem = 1",
+    ],
+)
+def test_statements_that_leave_session_state_pin_the_client(sql: bytes) -> None:
+    assert pins_session(sql) is not None
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        b"SELECT 1",
+        b"select * from settings where name = 'x'",
+        b"INSERT INTO t VALUES (1)",
+        b"SET LOCAL work_mem = '64MB'",
+        b"SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+        b"SET CONSTRAINTS ALL DEFERRED",
+        b"SET TimeZone = 'UTC'",
+        b"SET application_name = 'web'",
+        b"SET datestyle TO ISO",
+        b"SET NAMES 'UTF8'",
+        b"SELECT pg_advisory_xact_lock(1)",
+        b"SELECT pg_advisory_unlock(1)",
+        b"DECLARE c CURSOR FOR SELECT 1",
+        b"CREATE TABLE t (a int)",
+        b"DISCARD ALL",
+        b"UNLISTEN *",
+        b"DEALLOCATE ALL",
+        b"",
+        b"   ",
+        b"-- only a comment",
+        b"/* unterminated",
+    ],
+)
+def test_statements_without_session_state_do_not_pin(sql: bytes) -> None:
+    assert pins_session(sql) is None
