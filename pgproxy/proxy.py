@@ -276,17 +276,19 @@ class Proxy:
             dbname=upstream.dbname or database, address=(upstream.host, upstream.port)
         )
 
-    def request_server(self, client: ClientConnection) -> None:
+    def request_server(self, client: ClientConnection) -> bool:
+        """Link `client` to a server now (True), or queue it for one (False)."""
         pool = client.pool
         assert pool is not None
         if self.draining:
             client.fail(self.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
-            return
+            return False
         server = pool.checkout(client, self.now())
         if server is not None:
             client.link(server)
-            return
+            return True
         self._replenish(pool)
+        return False
 
     def note_client_close_reason(
         self, client: ClientConnection, reason: DisconnectReason, detail: str

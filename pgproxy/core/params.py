@@ -135,6 +135,8 @@ def build_prelude(wanted: Mapping[str, str], applied: Mapping[str, str]) -> str 
     `set_config(name, value, false)` takes the value as the startup packet would (a list like
     search_path is not re-quoted); a setting the client does not want is RESET to the default.
     """
+    if wanted == applied:
+        return None
     calls = [
         f"pg_catalog.set_config({quote_literal(name)}, {quote_literal(value)}, false)"
         for name, value in wanted.items()

@@ -123,6 +123,8 @@ class ServerState:
     pinned: str | None = None
     # The server said FATAL: it is about to close.
     fatal: bool = False
+    # A reported parameter that does not follow the client changed since login.
+    untracked_param_changed: bool = False
     # Fields of an ErrorResponse to one of the proxy's own queries.
     proxy_error: dict[str, str] | None = None
     # ParameterStatus messages to send the client (client's view catching up after a prelude).
@@ -158,6 +160,8 @@ class ServerState:
             or self.proxy_error is not None
         ):
             return False
+        if not self.untracked_param_changed:
+            return True
         for name, value in self.params.items():
             if name.lower() in TRACKED_STARTUP_PARAMS:
                 continue
@@ -254,11 +258,13 @@ class ServerState:
             elif code == BackendCode.PARAMETER_STATUS:
                 name, value = messages.parse_parameter_status(body)
                 self.params[name] = value
+                key = _tracked_key(name)
+                if key is None:
+                    self.untracked_param_changed = True
                 client = self.client
                 if client is not None and not self.swallowing:
                     # The client saw this message: its view and its wishes follow the server.
                     client.reported[name] = value
-                    key = _tracked_key(name)
                     if key is not None:
                         client.wanted[key] = value
                         self.applied[key] = value

@@ -37,9 +37,12 @@ def _strip(sql: bytes) -> bytes:
 
 
 def _statement_pins(stmt: bytes) -> str | None:
-    stmt = _strip(stmt)
+    if stmt[:1].isspace() or stmt[:2] in (b"--", b"/*"):
+        stmt = _strip(stmt)
     if not stmt or stmt[0] not in _FIRST_LETTERS:
         return None
+    if stmt[1:3] in (b"EL", b"el", b"El", b"eL"):
+        return None  # SELECT, the common case
     words = stmt[:160].split(None, 5)
     first = words[0].upper()
     if first not in _STARTS:
@@ -71,8 +74,9 @@ def pins_session(sql: bytes) -> str | None:
         return "session advisory lock"
     if b"set_config" in sql:
         return "set_config()"
-    if b";" not in sql:
-        return _statement_pins(sql)
+    semicolon = sql.find(b";")
+    if semicolon < 0 or not sql[semicolon:].strip(b"; \t\r\n\x00"):
+        return _statement_pins(sql)  # one statement, perhaps with a trailing ';'
     for stmt in sql.split(b";"):
         reason = _statement_pins(stmt)
         if reason is not None:

@@ -12,7 +12,7 @@ import logging
 from typing import TYPE_CHECKING, cast
 
 from pgproxy.core.client import ClientPhase, ClientState
-from pgproxy.core.login import Authenticated, CancelRequested, ClientLogin, Send
+from pgproxy.core.login import Authenticated, CancelRequested, ClientLogin, LoginEvent, Send
 from pgproxy.core.params import build_prelude
 from pgproxy.core.server import DisconnectReason
 from pgproxy.errors import PgProxyError, ServerError, Severity, TooManyClientsError
@@ -140,14 +140,22 @@ class ClientConnection(asyncio.Protocol):
         )
 
     def _feed_login(self, data: bytes) -> None:
-        assert self._login is not None
+        login = self._login
+        assert login is not None
         try:
-            events = self._login.feed(data)
+            self._handle_login_events(login.feed(data))
         except PgProxyError as exc:
-            log.warning("login failed for %s: %s", self.address, exc.message)
+            log.warning(
+                "login failed for user=%s database=%s from %s: %s",
+                login.user or "-",
+                login.database or "-",
+                self.address,
+                exc.message,
+            )
             self.proxy.count_login_failure()
             self.fail(exc, reason=DisconnectReason.LOGIN_FAILED)
-            return
+
+    def _handle_login_events(self, events: list[LoginEvent]) -> None:
         for event in events:
             if isinstance(event, Send):
                 self.write(event.data)
@@ -220,10 +228,11 @@ class ClientConnection(asyncio.Protocol):
             if msgs:
                 assert server.state is not None
                 server.state.note_frontend(msgs)
-        elif st.hold(out, msgs, self.proxy.now()):
+        elif st.hold(out, msgs, self.proxy.now()) and not self.proxy.request_server(self):
+            # No server yet: stop reading so that held bytes stay one chunk at most.
             assert self.gate is not None
-            self.gate.add(GateReason.WAITING_FOR_SERVER)
-            self.proxy.request_server(self)
+            if not self.closed:
+                self.gate.add(GateReason.WAITING_FOR_SERVER)
         if st.terminated:
             self.close(DisconnectReason.CLIENT_TERMINATE)
 

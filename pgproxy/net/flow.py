@@ -5,13 +5,13 @@ other side's `pause_reading()`, so a slow reader throttles its peer instead of g
 """
 
 import asyncio
-from enum import IntFlag
 
 
-class GateReason(IntFlag):
+class GateReason:
+    """Bits of a gate's reason set; plain ints, because IntFlag arithmetic is slow."""
+
     PEER_BACKLOG = 1  # the linked peer cannot take more bytes
     WAITING_FOR_SERVER = 2  # a client holds a message and waits for a server
-    DRAINING = 4
 
 
 class ReadGate:
@@ -19,14 +19,14 @@ class ReadGate:
 
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
-        self._reasons = GateReason(0)
+        self._reasons = 0
 
-    def add(self, reason: GateReason) -> None:
+    def add(self, reason: int) -> None:
         if not self._reasons and not self._transport.is_closing():
             self._transport.pause_reading()
         self._reasons |= reason
 
-    def discard(self, reason: GateReason) -> None:
+    def discard(self, reason: int) -> None:
         if not self._reasons & reason:
             return
         self._reasons &= ~reason
