@@ -13,11 +13,13 @@ import itertools
 import logging
 import secrets
 import signal
+from collections.abc import Coroutine
 from dataclasses import dataclass
+from typing import Any
 
 from pgproxy.config import PoolMode, Settings
 from pgproxy.core.cancel import CancelKeys
-from pgproxy.core.client import ClientPhase, ClientState
+from pgproxy.core.client import ClientState
 from pgproxy.core.login import (
     Authenticated,
     AuthMethod,
@@ -181,9 +183,9 @@ class Proxy:
     def next_id(self) -> int:
         return next(self._ids)
 
-    def _spawn(self, coro: object) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
-        task: asyncio.Task[None] = self._loop.create_task(coro)  # type: ignore[arg-type]
+        task = self._loop.create_task(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -594,6 +596,3 @@ def serve(settings: Settings) -> int:
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(Proxy(settings).run())
-
-
-__all__ = ["ClientPhase", "Proxy", "serve"]
