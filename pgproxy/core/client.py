@@ -7,10 +7,33 @@ go to the server once one is linked. No I/O, no clock (times are arguments).
 from dataclasses import dataclass, field
 from enum import Enum
 
-from pgproxy.core.server import FRONTEND_WATCHED, ClientView
+from pgproxy.core.server import FRONTEND_VALID, FRONTEND_WATCHED, ClientView
 from pgproxy.errors import ProtocolError
 from pgproxy.wire.codes import FrontendCode
 from pgproxy.wire.scanner import MessageScanner
+
+_PARSE = FrontendCode.PARSE
+_QUERY = FrontendCode.QUERY
+
+# Unnamed Parse bodies up to this size are kept for replay (the scanner keeps 1 MiB).
+REPLAY_LIMIT = 1 << 20
+
+
+def uses_unnamed_statement_first(msgs: list[tuple[int, bytes, int]]) -> bool:
+    """Do these messages Bind or Describe the unnamed statement before parsing their own?"""
+    for code, body, _end in msgs:
+        if code == _PARSE:
+            if body[:1] == b"\x00":
+                return False
+        elif code == _QUERY:
+            return False
+        elif code == FrontendCode.BIND:
+            portal_end = body.find(b"\x00")
+            if body[portal_end + 1 : portal_end + 2] == b"\x00":
+                return True
+        elif code == FrontendCode.DESCRIBE and body[:2] == b"S\x00":
+            return True
+    return False
 
 
 class ClientPhase(Enum):
@@ -36,7 +59,13 @@ class ClientState:
     terminated: bool = False
     # Part of a Terminate already went to the server (it was split across reads).
     torn: bool = False
-    scanner: MessageScanner = field(default_factory=lambda: MessageScanner(FRONTEND_WATCHED))
+    # Body of the client's latest Parse of the unnamed statement (None: none, or destroyed by
+    # a simple Query). Drivers parse in one round trip and bind in the next (pg8000, asyncpg),
+    # and a transaction-mode client may get another server in between.
+    last_unnamed_parse: bytes | None = None
+    scanner: MessageScanner = field(
+        default_factory=lambda: MessageScanner(FRONTEND_WATCHED, valid=FRONTEND_VALID)
+    )
 
     def feed(self, data: bytes) -> tuple[bytes, list[tuple[int, bytes, int]]]:
         """Scan client bytes; return what may go to a server and its watched messages.
@@ -47,7 +76,13 @@ class ClientState:
         msgs = self.scanner.feed(data)
         if msgs:
             for i, (code, body, end) in enumerate(msgs):
-                if code == FrontendCode.TERMINATE:
+                if code == _PARSE:
+                    if body[:1] == b"\x00":
+                        # A body cut at the scanner's keep limit cannot be replayed.
+                        self.last_unnamed_parse = body if len(body) < REPLAY_LIMIT else None
+                elif code == _QUERY:
+                    self.last_unnamed_parse = None
+                elif code == FrontendCode.TERMINATE:
                     if body:
                         raise ProtocolError("invalid Terminate message: it has a body")
                     self.terminated = True

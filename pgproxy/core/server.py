@@ -58,6 +58,10 @@ FRONTEND_WATCHED = frozenset(
         FrontendCode.COPY_FAIL,
     }
 )
+# Messages a client may send once logged in (PostgreSQL docs, "Message Formats"); anything
+# else is refused by the proxy instead of costing a server connection.
+FRONTEND_VALID = FRONTEND_WATCHED | {FrontendCode.COPY_DATA}
+
 BACKEND_WATCHED = frozenset(
     {
         BackendCode.READY_FOR_QUERY,
@@ -129,6 +133,8 @@ class ServerState:
     proxy_error: dict[str, str] | None = None
     # ParameterStatus messages to send the client (client's view catching up after a prelude).
     outbox: list[bytes] = field(default_factory=list)
+    # Body of the Parse that created the unnamed statement this server holds now (None: none).
+    unnamed_parse: bytes | None = None
     # The client this connection serves now, if any.
     client: "ClientView | None" = None
     scanner: MessageScanner = field(default_factory=lambda: MessageScanner(BACKEND_WATCHED))
@@ -187,8 +193,10 @@ class ServerState:
             if code in (_Q, _F):
                 self.queue.append(code)
                 self.segment = _SEG_EMPTY
-                if code == _Q and self.pinned is None:
-                    self._pin_for(pins_session(body))
+                if code == _Q:
+                    self.unnamed_parse = None  # a simple Query destroys the unnamed statement
+                    if self.pinned is None:
+                        self._pin_for(pins_session(body))
             elif code == _S:
                 self.queue.append(_S | (self.segment << 8))
                 self.segment = _SEG_EMPTY
@@ -202,6 +210,8 @@ class ServerState:
                 if self.queue or self.segment != _SEG_EMPTY:
                     self.unpredictable = True
             else:
+                if code == _P and body[:1] == b"\x00":
+                    self.unnamed_parse = body
                 if code == _P and self.pinned is None:
                     if body[:1] not in (b"", b"\x00"):
                         # A named prepared statement lives on this server only.
@@ -223,11 +233,23 @@ class ServerState:
 
         Only when the server owes the client nothing: swallowing starts at a chunk boundary.
         """
+        self.unnamed_parse = None
+        return self.send_proxy_messages(messages.query(sql))
+
+    def send_proxy_messages(self, raw: bytes) -> bytes:
+        """Like `send_proxy_query` for ready-made messages answered by one ReadyForQuery."""
         assert all(entry == _PROXY for entry in self.queue)
         self.queue.append(_PROXY)
         if len(self.queue) == 1:
             self.swallowing = True
-        return messages.query(sql)
+        return raw
+
+    def replay_unnamed_parse(self, body: bytes) -> bytes:
+        """Parse + Sync recreating a client's unnamed statement here; the answers are swallowed."""
+        self.unnamed_parse = body
+        return self.send_proxy_messages(
+            b"P" + (len(body) + 4).to_bytes(4, "big") + body + messages.sync()
+        )
 
     # -- server → frontend -------------------------------------------------------------------
 

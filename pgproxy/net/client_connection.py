@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, cast
 
-from pgproxy.core.client import ClientPhase, ClientState
+from pgproxy.core.client import ClientPhase, ClientState, uses_unnamed_statement_first
 from pgproxy.core.login import Authenticated, CancelRequested, ClientLogin, LoginEvent, Send
 from pgproxy.core.params import build_prelude
 from pgproxy.core.server import DisconnectReason
@@ -248,10 +248,20 @@ class ClientConnection(asyncio.Protocol):
         sst.last_used_at = self.proxy.now()
         st.phase = ClientPhase.ACTIVE
         data, msgs = st.take_pending()
+        prefix = b""
         prelude = build_prelude(st.view.wanted, sst.applied)
         if prelude is not None:
             sst.applied = dict(st.view.wanted)
-            data = sst.send_proxy_query(prelude) + data
+            prefix = sst.send_proxy_query(prelude)
+        replay = st.last_unnamed_parse
+        if (
+            replay is not None
+            and sst.unnamed_parse != replay
+            and uses_unnamed_statement_first(msgs)
+        ):
+            prefix += sst.replay_unnamed_parse(replay)
+        if prefix:
+            data = prefix + data
         if data:
             server.write(data)
         if msgs:
@@ -305,7 +315,11 @@ class ClientConnection(asyncio.Protocol):
             self.proxy.idle_in_transaction[self] = now
 
     def prelude_failed(self, fields: dict[str, str]) -> None:
-        """Applying the client's startup settings failed, as it would have at connect."""
+        """The proxy's own preparation of this server for the client failed.
+
+        Either applying its startup settings (which a direct connection would have refused at
+        login) or re-creating its unnamed statement (its table is gone, for instance).
+        """
         err = ServerError(fields)
         err.severity = Severity.FATAL
         self.fail(err)

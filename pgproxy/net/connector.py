@@ -58,6 +58,7 @@ async def open_server(
 async def send_cancel(address: tuple[str, int], key: tuple[int, int], limit: float) -> None:
     """Send a CancelRequest on a fresh connection, as the protocol asks; never raises."""
     host, port = address
+    writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(limit):
             reader, writer = await asyncio.open_connection(host, port)
@@ -65,6 +66,8 @@ async def send_cancel(address: tuple[str, int], key: tuple[int, int], limit: flo
             await writer.drain()
             # Postgres answers by closing; waiting for it keeps the order of events simple.
             await reader.read()
-            writer.close()
     except (OSError, TimeoutError) as exc:
         log.warning("cancel request to %s:%d failed: %s", host, port, exc)
+    finally:
+        if writer is not None:
+            writer.close()

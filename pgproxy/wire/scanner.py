@@ -21,6 +21,8 @@ Frame = tuple[int, bytes, int]
 _HEADER = 5  # the type byte and the int32 length
 _unpack_length = struct.Struct("!i").unpack_from
 
+_INVALID, _SKIP, _WATCH = 0, 1, 2
+
 # Returned when nothing watched completed, to avoid allocating a list per chunk. Read-only.
 _NO_FRAMES: list[Frame] = []
 
@@ -36,12 +38,20 @@ class MessageScanner:
     __slots__ = ("_body", "_code", "_header", "_keep", "_max_length", "_skip", "_want", "_watched")
 
     def __init__(
-        self, watched: Iterable[int], *, keep: int = 1 << 20, max_length: int = 1 << 30
+        self,
+        watched: Iterable[int],
+        *,
+        keep: int = 1 << 20,
+        max_length: int = 1 << 30,
+        valid: Iterable[int] | None = None,
     ) -> None:
-        table = bytearray(256)
+        # Per type byte: _INVALID, _SKIP or _WATCH. Indexing beats hashing on the hot path.
+        table = bytearray([_SKIP if valid is None else _INVALID]) * 256
+        for code in valid or ():
+            table[code] = _SKIP
         for code in watched:
-            table[code] = 1
-        self._watched = bytes(table)  # 256 flags: indexing beats hashing on the hot path
+            table[code] = _WATCH
+        self._watched = bytes(table)
         self._keep = keep
         self._max_length = max_length
         self._header = bytearray()  # a header split across chunks (fewer than 5 bytes)
@@ -85,7 +95,10 @@ class MessageScanner:
             header.clear()
             self._check_length(code, length)
             size = length - 4
-            if self._watched[code]:
+            kind = self._watched[code]
+            if kind == _INVALID:
+                self._invalid_type(code)
+            if kind == _WATCH:
                 self._code = code
                 self._body = bytearray()
                 self._want = size if size <= self._keep else self._keep
@@ -130,7 +143,10 @@ class MessageScanner:
                 self._check_length(code, length)
             start = pos + _HEADER
             end = pos + 1 + length
-            if not watched[code]:
+            kind = watched[code]
+            if kind != _WATCH:
+                if kind == _INVALID:
+                    self._invalid_type(code)
                 if end > n:
                     self._skip = end - n
                     break
@@ -154,6 +170,10 @@ class MessageScanner:
             self._skip = size - take - (n - start - len(self._body))
             break
         return out
+
+    def _invalid_type(self, code: int) -> None:
+        # Same words as Postgres' own "invalid frontend message type %d".
+        raise ProtocolError(f"invalid message type {code}")
 
     def _check_length(self, code: int, length: int) -> None:
         if length < 4:
