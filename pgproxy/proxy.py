@@ -45,7 +45,8 @@ log = logging.getLogger("pgproxy")
 # server is closed rather than waited for.
 RESET_TIMEOUT = 10.0
 CANCEL_TIMEOUT = 5.0
-WATCHDOG_INTERVAL = 1.0
+# Timeouts (query_wait_timeout, idle_transaction_timeout, ...) fire within this of their due.
+WATCHDOG_INTERVAL = 0.5
 
 ServerPool = Pool[ServerConnection, ClientConnection]
 
@@ -394,6 +395,7 @@ class Proxy:
         waiter = pool.add_connected(conn, self.now())
         if waiter is not None:
             waiter.link(conn)
+        self._replenish(pool)  # min_pool_size, now that the pool is known to work
 
     def _credentials(self, user: str) -> ServerCredentials:
         upstream = self.settings.server
