@@ -338,7 +338,20 @@ class Proxy:
         server = client.server
         if server is None or server.state is None or server.state.backend_key is None:
             return  # nothing runs for this client now
-        self._spawn(send_cancel(server.address, server.state.backend_key, CANCEL_TIMEOUT))
+        server.cancels_in_flight += 1
+        self._spawn(self._cancel(server, server.state.backend_key))
+
+    async def _cancel(self, server: ServerConnection, key: tuple[int, int]) -> None:
+        # Postgres signals the backend twice (process and process group) before it closes the
+        # cancel connection; a query started in between would be cancelled too. So the server
+        # goes to nobody else until the cancel connection is closed (PgBouncer issue #717).
+        try:
+            await send_cancel(server.address, key, CANCEL_TIMEOUT)
+        finally:
+            server.cancels_in_flight -= 1
+            if not server.cancels_in_flight and server.checkin_deferred:
+                server.checkin_deferred = False
+                self.checkin(server)
 
     # -- servers -----------------------------------------------------------------------------
 
@@ -428,6 +441,9 @@ class Proxy:
         pool = server.pool
         assert st is not None
         if server.closed:
+            return
+        if server.cancels_in_flight:
+            server.checkin_deferred = True  # _cancel checks it in when the cancel is done
             return
         now = self.now()
         if self.draining:

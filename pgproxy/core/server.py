@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pgproxy.core.params import TRACKED_STARTUP_PARAMS
-from pgproxy.core.session_state import pins_session
+from pgproxy.core.session_state import SessionEffect, inspect
 from pgproxy.wire import messages
 from pgproxy.wire.codes import BackendCode, FrontendCode, TransactionStatus
 from pgproxy.wire.scanner import MessageScanner
@@ -133,6 +133,15 @@ class ServerState:
     proxy_error: dict[str, str] | None = None
     # ParameterStatus messages to send the client (client's view catching up after a prelude).
     outbox: list[bytes] = field(default_factory=list)
+    # Tracked settings the statements in progress reset (RESET x; all of them after RESET ALL
+    # or DISCARD ALL): their ParameterStatus shows the server's default, not the client's wish.
+    resetting: frozenset[str] = frozenset()
+    resetting_all: bool = False
+    # ReadyForQuery messages until the statements that reset are done (then resetting ends).
+    reset_depth: int = 0
+    # The server's settings differ from the client's after a RESET: re-apply before the next
+    # message outside a transaction.
+    needs_prelude: bool = False
     # Body of the Parse that created the unnamed statement this server holds now (None: none).
     unnamed_parse: bytes | None = None
     # The client this connection serves now, if any.
@@ -195,8 +204,9 @@ class ServerState:
                 self.segment = _SEG_EMPTY
                 if code == _Q:
                     self.unnamed_parse = None  # a simple Query destroys the unnamed statement
-                    if self.pinned is None:
-                        self._pin_for(pins_session(body))
+                    effect = inspect(body)
+                    if effect is not None:
+                        self._apply(effect, len(self.queue))
             elif code == _S:
                 self.queue.append(_S | (self.segment << 8))
                 self.segment = _SEG_EMPTY
@@ -210,23 +220,47 @@ class ServerState:
                 if self.queue or self.segment != _SEG_EMPTY:
                     self.unpredictable = True
             else:
-                if code == _P and body[:1] == b"\x00":
-                    self.unnamed_parse = body
-                if code == _P and self.pinned is None:
-                    if body[:1] not in (b"", b"\x00"):
+                if code == _P:
+                    if body[:1] == b"\x00":
+                        self.unnamed_parse = body
+                    elif self.pinned is None:
                         # A named prepared statement lives on this server only.
                         self.pinned = "named prepared statement"
-                    else:
-                        self._pin_for(pins_session(body[body.find(b"\x00") + 1 :]))
+                    effect = inspect(body[body.find(b"\x00") + 1 :])
+                    if effect is not None:
+                        # Answered by the ReadyForQuery of the next Sync, not queued yet.
+                        self._apply(effect, len(self.queue) + 1)
                 if self.segment == _SEG_ONE_EXECUTE:
                     self.segment = _SEG_DIRTY
                 elif self.segment == _SEG_EMPTY:
                     self.segment = _SEG_PRE
 
-    def _pin_for(self, reason: str | None) -> None:
-        self.pinned = reason
-        if reason == "LOAD":
-            self.unpredictable = True  # a loaded library cannot be unloaded: close it later
+    def _apply(self, effect: SessionEffect, depth: int) -> None:
+        if effect.pin is not None and self.pinned is None:
+            self.pinned = effect.pin
+            if effect.pin == "LOAD":
+                self.unpredictable = True  # a loaded library cannot be unloaded: close it later
+        if not effect.resets and not effect.reset_all:
+            return
+        # The server goes back to its defaults; the client expects its startup values.
+        client = self.client
+        if effect.reset_all:
+            self.applied.clear()
+            self.resetting_all = True
+            if client is not None:
+                client.wanted.clear()
+                client.wanted.update(client.startup)
+        else:
+            for name in effect.resets:
+                self.applied.pop(name, None)
+                if client is not None:
+                    if name in client.startup:
+                        client.wanted[name] = client.startup[name]
+                    else:
+                        client.wanted.pop(name, None)
+            self.resetting |= effect.resets
+        self.reset_depth = depth
+        self.needs_prelude = True
 
     def send_proxy_query(self, sql: str) -> bytes:
         """A Query message of the proxy's own; everything it produces is kept from the client.
@@ -268,6 +302,11 @@ class ServerState:
                     self.unpredictable = True
                     continue
                 head = self.queue.popleft()
+                if self.reset_depth:
+                    self.reset_depth -= 1
+                    if not self.reset_depth:
+                        self.resetting_all = False
+                        self.resetting = frozenset()
                 if head == _PROXY:
                     self.swallowing = bool(self.queue) and self.queue[0] == _PROXY
                     if not self.swallowing:
@@ -287,7 +326,7 @@ class ServerState:
                 if client is not None and not self.swallowing:
                     # The client saw this message: its view and its wishes follow the server.
                     client.reported[name] = value
-                    if key is not None:
+                    if key is not None and not self.resetting_all and key not in self.resetting:
                         client.wanted[key] = value
                         self.applied[key] = value
             elif code == BackendCode.ERROR_RESPONSE:
@@ -355,9 +394,11 @@ def _tracked_key(name: str) -> str | None:
 class ClientView:
     """What a server connection needs to know of the client it serves (its session view)."""
 
-    __slots__ = ("reported", "wanted")
+    __slots__ = ("reported", "startup", "wanted")
 
     def __init__(self, wanted: dict[str, str], reported: dict[str, str]) -> None:
+        # The settings of the client's startup packet: what RESET returns to.
+        self.startup = dict(wanted)
         # Settings the client asked for (startup values, then its own SETs of reported ones).
         self.wanted = wanted
         # ParameterStatus values the client has been told.

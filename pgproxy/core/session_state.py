@@ -1,21 +1,38 @@
-"""Recognise SQL that leaves state on a server connection that the pool cannot move.
+"""What a statement does to the session: state the pool cannot move, or settings it resets.
 
 Cheap by design (no SQL parser): the first keywords of each statement of a Query or Parse,
-and a substring test for the functions that create session state. A statement that matches
-pins its client to its server connection until the client leaves; the server is then reset
-(server_reset_query) before anyone else gets it. A false positive only costs pooling; a false
+and a look at the names given to `set_config()`. A statement that creates unmovable state pins
+its client to its server connection until the client leaves (the server is then reset with
+server_reset_query before anyone else gets it). A false positive only costs pooling; a false
 negative would leak state, so the tests cover the forms drivers and ORMs send.
+
+RESET, RESET ALL and DISCARD ALL return tracked settings to the *session default*, which for
+a direct connection is the client's startup value; the proxy re-applies those values itself.
 """
 
-from pgproxy.core.params import TRACKED_STARTUP_PARAMS
+from dataclasses import dataclass
 
-# Reported parameters: the server tells us their new value, so they follow the client.
-_FOLLOWED = frozenset(
-    p.encode() for p in TRACKED_STARTUP_PARAMS if p not in ("search_path",)
-) | frozenset({b"names"})  # SET NAMES is client_encoding
+from pgproxy.core.params import TRACKED_STARTUP_PARAMS, canonical_name
 
-_STARTS = (b"SET", b"RESET", b"PREPARE", b"LISTEN", b"DECLARE", b"CREATE", b"LOAD", b"DISCARD")
+# Settings the server reports with ParameterStatus: a SET of them follows the client.
+_REPORTED = frozenset(p for p in TRACKED_STARTUP_PARAMS if p != "search_path")
+# SET forms that name a setting with other words (SQL standard syntax).
+_ALIASES = {b"time": "timezone", b"names": "client_encoding"}
+
+_STARTS = frozenset(
+    {b"SET", b"RESET", b"PREPARE", b"LISTEN", b"DECLARE", b"CREATE", b"LOAD", b"DISCARD"}
+)
 _FIRST_LETTERS = frozenset(b"SsRrPpLlDdCc")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionEffect:
+    pin: str | None = None  # why the client must keep this server, if it must
+    resets: frozenset[str] = frozenset()  # tracked settings returned to the session default
+    reset_all: bool = False  # RESET ALL or DISCARD ALL
+
+
+_RESET_ALL = SessionEffect(reset_all=True)
 
 
 def _strip(sql: bytes) -> bytes:
@@ -36,49 +53,97 @@ def _strip(sql: bytes) -> bytes:
             return sql
 
 
-def _statement_pins(stmt: bytes) -> str | None:
+def _set_or_reset(first: bytes, words: list[bytes]) -> SessionEffect | None:
+    rest = words[1:]
+    if rest and rest[0].upper() in (b"LOCAL", b"TRANSACTION", b"CONSTRAINTS"):
+        return None  # ends with the transaction
+    if rest and rest[0].upper() == b"SESSION":
+        rest = rest[1:]
+        if rest and rest[0].upper() in (b"AUTHORIZATION", b"CHARACTERISTICS"):
+            return SessionEffect(pin=f"SET SESSION {rest[0].upper().decode()}")
+    if not rest:
+        return SessionEffect(pin=first.decode())
+    token = rest[0].split(b"=", 1)[0].strip(b'";').lower()
+    if first == b"RESET" and token == b"all":
+        return _RESET_ALL
+    name = canonical_name(_ALIASES.get(token) or token.decode(errors="replace"))
+    if name.lower() in _REPORTED:
+        if first == b"RESET":
+            return SessionEffect(resets=frozenset({name}))
+        return None  # the server reports the new value: it follows the client
+    if first == b"RESET" and name == "search_path":
+        return SessionEffect(resets=frozenset({name}))
+    return SessionEffect(pin=f"{first.decode()} {name}")
+
+
+def _statement_effect(stmt: bytes) -> SessionEffect | None:
     if stmt[:1].isspace() or stmt[:2] in (b"--", b"/*"):
         stmt = _strip(stmt)
     if not stmt or stmt[0] not in _FIRST_LETTERS:
         return None
     if stmt[1:3] in (b"EL", b"el", b"El", b"eL"):
-        return None  # SELECT, the common case
-    words = stmt[:160].split(None, 5)
+        return None  # SELECT, DELETE: the common case
+    words = stmt[:160].rstrip(b"\x00; \t\r\n").split(None, 5)
     first = words[0].upper()
     if first not in _STARTS:
         return None
-    second = words[1].upper() if len(words) > 1 else b""
-    if first == b"SET" or first == b"RESET":
-        if second in (b"LOCAL", b"TRANSACTION", b"CONSTRAINTS"):
-            return None  # ends with the transaction
-        name = words[2] if second == b"SESSION" and len(words) > 2 else words[1]
-        name = name.split(b"=", 1)[0].strip(b'"').lower()
-        if second == b"SESSION" and name.upper() == b"CHARACTERISTICS":
-            return "SET SESSION CHARACTERISTICS"
-        if name in _FOLLOWED:
-            return None
-        return f"{first.decode()} {name.decode(errors='replace')}"
+    if first in (b"SET", b"RESET"):
+        return _set_or_reset(first, words)
+    if first == b"DISCARD":
+        return _RESET_ALL if len(words) > 1 and words[1].upper() == b"ALL" else None
     if first == b"DECLARE":
-        return "DECLARE ... WITH HOLD" if b"HOLD" in stmt.upper() else None
+        return SessionEffect(pin="DECLARE ... WITH HOLD") if b"HOLD" in stmt.upper() else None
     if first == b"CREATE":
         rest = b" ".join(words[1:5]).upper()  # CREATE [OR REPLACE] [GLOBAL|LOCAL] TEMP
-        return "CREATE TEMP" if b"TEMP" in rest else None
-    if first == b"DISCARD":
+        return SessionEffect(pin="CREATE TEMP") if b"TEMP" in rest else None
+    return SessionEffect(pin=first.decode())  # PREPARE, LISTEN, LOAD
+
+
+def _set_config_pins(sql: bytes) -> str | None:
+    """set_config(name, ...) pins unless every name is a literal reported setting."""
+    pos = sql.find(b"set_config")
+    while pos >= 0:
+        rest = sql[pos + len(b"set_config") :].lstrip()
+        if not rest.startswith(b"("):
+            return "set_config()"
+        rest = rest[1:].lstrip()
+        end = rest.find(b"'", 1)
+        if not rest.startswith(b"'") or end < 0:
+            return "set_config()"
+        name = rest[1:end].decode(errors="replace").lower()
+        if name not in _REPORTED:
+            return f"set_config({name})"
+        pos = sql.find(b"set_config", pos + 1)
+    return None
+
+
+def inspect(sql: bytes) -> SessionEffect | None:
+    """What the SQL text of a Query or Parse does to the session; None for nothing."""
+    if b"advisory_lock" in sql:
+        return SessionEffect(pin="session advisory lock")
+    if b"set_config" in sql:
+        reason = _set_config_pins(sql)
+        if reason is not None:
+            return SessionEffect(pin=reason)
+    semicolon = sql.find(b";")
+    if semicolon < 0 or not sql[semicolon:].strip(b"; \t\r\n\x00"):
+        return _statement_effect(sql)  # one statement, perhaps with a trailing ';'
+    pin: str | None = None
+    resets: frozenset[str] = frozenset()
+    reset_all = False
+    for stmt in sql.split(b";"):
+        effect = _statement_effect(stmt)
+        if effect is None:
+            continue
+        pin = pin or effect.pin
+        resets |= effect.resets
+        reset_all = reset_all or effect.reset_all
+    if pin is None and not resets and not reset_all:
         return None
-    return first.decode()  # PREPARE, LISTEN, LOAD
+    return SessionEffect(pin=pin, resets=resets, reset_all=reset_all)
 
 
 def pins_session(sql: bytes) -> str | None:
-    """Why this SQL text leaves unmovable state on the server, or None."""
-    if b"advisory_lock" in sql:
-        return "session advisory lock"
-    if b"set_config" in sql:
-        return "set_config()"
-    semicolon = sql.find(b";")
-    if semicolon < 0 or not sql[semicolon:].strip(b"; \t\r\n\x00"):
-        return _statement_pins(sql)  # one statement, perhaps with a trailing ';'
-    for stmt in sql.split(b";"):
-        reason = _statement_pins(stmt)
-        if reason is not None:
-            return reason
-    return None
+    """Why this SQL leaves unmovable state on the server, or None."""
+    effect = inspect(sql)
+    return effect.pin if effect is not None else None

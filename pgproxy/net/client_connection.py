@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, cast
 from pgproxy.core.client import ClientPhase, ClientState, uses_unnamed_statement_first
 from pgproxy.core.login import Authenticated, CancelRequested, ClientLogin, LoginEvent, Send
 from pgproxy.core.params import build_prelude
-from pgproxy.core.server import DisconnectReason
+from pgproxy.core.server import DisconnectReason, ServerState
 from pgproxy.errors import PgProxyError, ServerError, Severity, TooManyClientsError
 from pgproxy.net.flow import GateReason, ReadGate
 from pgproxy.wire import messages
@@ -217,17 +217,28 @@ class ClientConnection(asyncio.Protocol):
     def _feed_session(self, data: bytes) -> None:
         st = self.state
         assert st is not None
+        was_at_boundary = st.at_boundary
         out, msgs = st.feed(data)
         if self.idle_in_transaction_since is not None:
             self.idle_in_transaction_since = None
             self.proxy.idle_in_transaction.pop(self, None)
         server = self.server
         if server is not None:
+            sst = server.state
+            assert sst is not None
+            if (
+                sst.needs_prelude
+                and out
+                and was_at_boundary
+                and sst.expect_nothing()
+                and sst.transaction_status == TransactionStatus.IDLE
+            ):
+                # A RESET left the server with its defaults; the client expects its own.
+                out = self._prepare(sst, msgs) + out
             if out:
                 server.write(out)
             if msgs:
-                assert server.state is not None
-                server.state.note_frontend(msgs)
+                sst.note_frontend(msgs)
         elif st.hold(out, msgs, self.proxy.now()) and not self.proxy.request_server(self):
             # No server yet: stop reading so that held bytes stay one chunk at most.
             assert self.gate is not None
@@ -248,6 +259,28 @@ class ClientConnection(asyncio.Protocol):
         sst.last_used_at = self.proxy.now()
         st.phase = ClientPhase.ACTIVE
         data, msgs = st.take_pending()
+        prefix = self._prepare(sst, msgs)
+        if prefix:
+            data = prefix + data
+        if data:
+            server.write(data)
+        if msgs:
+            sst.note_frontend(msgs)
+        if self.write_paused:
+            server.gate.add(GateReason.PEER_BACKLOG)
+        if server.write_paused:
+            self.gate.add(GateReason.PEER_BACKLOG)
+        self.gate.discard(GateReason.WAITING_FOR_SERVER)
+
+    def _prepare(self, sst: ServerState, msgs: list[tuple[int, bytes, int]]) -> bytes:
+        """The proxy's own messages that must precede `msgs` on this server, if any.
+
+        The client's settings (the prelude), then its unnamed statement when `msgs` use it
+        before parsing their own (the prelude's Query would have destroyed it anyway).
+        """
+        st = self.state
+        assert st is not None
+        sst.needs_prelude = False
         prefix = b""
         prelude = build_prelude(st.view.wanted, sst.applied)
         if prelude is not None:
@@ -260,17 +293,7 @@ class ClientConnection(asyncio.Protocol):
             and uses_unnamed_statement_first(msgs)
         ):
             prefix += sst.replay_unnamed_parse(replay)
-        if prefix:
-            data = prefix + data
-        if data:
-            server.write(data)
-        if msgs:
-            sst.note_frontend(msgs)
-        if self.write_paused:
-            server.gate.add(GateReason.PEER_BACKLOG)
-        if server.write_paused:
-            self.gate.add(GateReason.PEER_BACKLOG)
-        self.gate.discard(GateReason.WAITING_FOR_SERVER)
+        return prefix
 
     def unlink(self) -> ServerConnection | None:
         server = self.server

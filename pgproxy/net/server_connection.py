@@ -28,6 +28,8 @@ class ServerConnection(asyncio.Protocol):
     __slots__ = (
         "_login",
         "address",
+        "cancels_in_flight",
+        "checkin_deferred",
         "client",
         "closed",
         "gate",
@@ -66,6 +68,10 @@ class ServerConnection(asyncio.Protocol):
         self.reset_started_at: float | None = None
         # The reset in progress runs server_reset_query (not only a rollback).
         self.resets_session = False
+        # CancelRequests sent for this server and not yet answered (closed) by Postgres; the
+        # server waits for them before it serves anyone else (checkin_deferred).
+        self.cancels_in_flight = 0
+        self.checkin_deferred = False
 
     def __repr__(self) -> str:
         return f"S-{self.id}"

@@ -309,8 +309,13 @@ def test_garbage_startup_packets_raise_only_protocol_errors(payload):
     )
 )
 def test_any_startup_message_built_here_parses_back(params):
-    params = {"user": "u", **params}
-    params.pop("replication", None)
+    # user, database, replication and _pq_. options have meanings of their own.
+    params = {
+        k: v
+        for k, v in params.items()
+        if k not in ("user", "database", "replication") and not k.startswith("_pq_.")
+    }
+    params["user"] = "u"
     parsed = m.parse_startup_packet(m.startup_message(params))
     assert isinstance(parsed, m.Startup)
     assert parsed.params == {"database": "u", **params}

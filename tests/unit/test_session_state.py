@@ -2,7 +2,7 @@
 
 import pytest
 
-from pgproxy.core.session_state import pins_session
+from pgproxy.core.session_state import SessionEffect, inspect, pins_session
 
 
 @pytest.mark.parametrize(
@@ -18,6 +18,10 @@ from pgproxy.core.session_state import pins_session
         b"SELECT pg_advisory_lock(42)",
         b"SELECT pg_try_advisory_lock_shared(1, 2)",
         b"SELECT set_config('myapp.tenant', '7', false)",
+        b"SELECT set_config($1, $2, false)",
+        b"SELECT set_config('TimeZone', 'UTC', false), set_config('work_mem', '1MB', false)",
+        b"SET ROLE reporting",
+        b"RESET search_path; SET search_path = x",
         b"LISTEN jobs",
         b"PREPARE q AS SELECT 1",
         b"DECLARE c CURSOR WITH HOLD FOR SELECT 1",
@@ -47,6 +51,14 @@ def test_statements_that_leave_session_state_pin_the_client(sql: bytes) -> None:
         b"SET application_name = 'web'",
         b"SET datestyle TO ISO",
         b"SET NAMES 'UTF8'",
+        b"SET TIME ZONE 'Europe/Paris'",
+        b"SET SESSION TIME ZONE LOCAL",
+        # Django >= 4 at connect time, and older Django:
+        b"SELECT set_config('TimeZone', $1, false)",
+        b"SELECT set_config('TimeZone', 'UTC', false)",
+        b"RESET TimeZone\x00",
+        b"RESET application_name;",
+        b"RESET ALL",
         b"SELECT pg_advisory_xact_lock(1)",
         b"SELECT pg_advisory_unlock(1)",
         b"DECLARE c CURSOR FOR SELECT 1",
@@ -62,3 +74,23 @@ def test_statements_that_leave_session_state_pin_the_client(sql: bytes) -> None:
 )
 def test_statements_without_session_state_do_not_pin(sql: bytes) -> None:
     assert pins_session(sql) is None
+
+
+@pytest.mark.parametrize(
+    ("sql", "effect"),
+    [
+        (b"RESET TimeZone\x00", SessionEffect(resets=frozenset({"TimeZone"}))),
+        (b"RESET TIME ZONE", SessionEffect(resets=frozenset({"TimeZone"}))),
+        (b"reset datestyle;", SessionEffect(resets=frozenset({"DateStyle"}))),
+        (b"RESET search_path", SessionEffect(resets=frozenset({"search_path"}))),
+        (b"RESET ALL", SessionEffect(reset_all=True)),
+        (b"DISCARD ALL\x00", SessionEffect(reset_all=True)),
+        (b"BEGIN; RESET TimeZone; COMMIT", SessionEffect(resets=frozenset({"TimeZone"}))),
+        (b"DISCARD PLANS", None),
+        (b"SET TimeZone = 'UTC'", None),
+    ],
+)
+def test_resets_of_tracked_settings_are_recognised(
+    sql: bytes, effect: SessionEffect | None
+) -> None:
+    assert inspect(sql) == effect
