@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -105,6 +106,25 @@ def make_proxy(
     yield make
     for proxy in started:
         proxy.stop()
+
+
+@pytest.fixture
+def pool2(make_proxy: Callable[..., ProxyThread]) -> ProxyThread:
+    """A transaction-mode proxy whose pools hold 2 server connections."""
+    return make_proxy(default_pool_size="2")
+
+
+@pytest.fixture
+def table(pg: LocalPostgres, app_credentials: Credentials) -> Iterator[str]:
+    """A fresh table `(client int, n int, note text)` owned by `app`, dropped afterwards."""
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    pg.execute(
+        f"CREATE TABLE {name} (client int NOT NULL, n int NOT NULL, note text);"
+        f"ALTER TABLE {name} OWNER TO {app_credentials.user}",
+        database=app_credentials.database,
+    )
+    yield name
+    pg.execute(f"DROP TABLE IF EXISTS {name}", database=app_credentials.database)
 
 
 @pytest.fixture

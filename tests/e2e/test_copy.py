@@ -12,8 +12,7 @@ import io
 import os
 import subprocess
 import threading
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -37,23 +36,6 @@ ROWS = 2000
 def rows_text(client: int, count: int = ROWS) -> str:
     """COPY text format: client, n, note (with a tab and a backslash to escape)."""
     return "".join(f"{client}\t{n}\tnote {n} \\\\ \\t end\n" for n in range(count))
-
-
-@pytest.fixture
-def table(pg: LocalPostgres, app_credentials: Credentials) -> Iterator[str]:
-    name = f"copy_{uuid.uuid4().hex[:12]}"
-    pg.execute(
-        f"CREATE TABLE {name} (client int NOT NULL, n int NOT NULL, note text);"
-        f"ALTER TABLE {name} OWNER TO {app_credentials.user}",
-        database=app_credentials.database,
-    )
-    yield name
-    pg.execute(f"DROP TABLE IF EXISTS {name}", database=app_credentials.database)
-
-
-@pytest.fixture
-def pool2(make_proxy: Callable[..., ProxyThread]) -> ProxyThread:
-    return make_proxy(default_pool_size=str(POOL))
 
 
 def app_rows(pg: LocalPostgres, creds: Credentials, table: str) -> list[tuple[int, int]]:

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -102,24 +102,6 @@ def wait_until(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.01)
     return predicate()
-
-
-@pytest.fixture
-def table(pg: LocalPostgres, app_credentials: Credentials) -> Iterator[str]:
-    """A fresh table `(client int, n int, note text)` owned by `app`, dropped afterwards."""
-    name = f"drv_{uuid.uuid4().hex[:12]}"
-    pg.execute(
-        f"CREATE TABLE {name} (client int NOT NULL, n int NOT NULL, note text);"
-        f"ALTER TABLE {name} OWNER TO {app_credentials.user}",
-        database=app_credentials.database,
-    )
-    yield name
-    pg.execute(f"DROP TABLE IF EXISTS {name}", database=app_credentials.database)
-
-
-@pytest.fixture
-def pool2(make_proxy: Callable[..., ProxyThread]) -> ProxyThread:
-    return make_proxy(default_pool_size=str(POOL))
 
 
 @pytest.fixture(params=[True, False], ids=["uvloop", "asyncio"])
