@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import threading
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -53,3 +54,23 @@ def kill_socket(conn: psycopg.Connection) -> None:
         sock.shutdown(socket.SHUT_RDWR)
     finally:
         sock.detach()
+
+
+class Background(threading.Thread):
+    """Runs `fn` on a thread; after `join`, `outcome` is its result or what it raised."""
+
+    def __init__(self, fn: Callable[[], object]) -> None:
+        super().__init__(daemon=True)
+        self._fn = fn
+        self.outcome: object = None
+
+    def run(self) -> None:
+        try:
+            self.outcome = self._fn()
+        except BaseException as exc:
+            self.outcome = exc
+
+    def finish(self, timeout: float = 10.0) -> object:
+        self.join(timeout)
+        assert not self.is_alive(), "background call did not finish"
+        return self.outcome

@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import threading
 import time
 
 import psycopg
@@ -14,7 +13,7 @@ import pytest
 
 from pgproxy.localpg import LocalPostgres
 
-from .helpers import APP_PASSWORD, connect, wait_for
+from .helpers import APP_PASSWORD, Background, connect, wait_for
 
 
 def _sleeping(pg: LocalPostgres) -> bool:
@@ -65,22 +64,13 @@ def test_driver_cancel_of_a_client_without_server_cancels_nothing(
     idle = connect(proxy.port)
     idle.execute("SELECT 1")  # logged in and back to idle: no server linked
     busy = connect(proxy.port)
-    result: list[object] = []
-
-    def run() -> None:
-        try:
-            result.append(busy.execute("SELECT pg_sleep(1), 'done'").fetchone()[1])
-        except BaseException as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    query = Background(lambda: busy.execute("SELECT pg_sleep(1), 'done'").fetchone()[1])
+    query.start()
     wait_for(lambda: _sleeping(pg), what="pg_sleep to start")
     # cancel_safe(): the blocking cancel() holds the GIL inside libpq while it waits for an
     # answer from the proxy, which runs on a thread of this same process.
     idle.cancel_safe()  # the shared server runs the other client's query: it must not be touched
-    thread.join(10)
-    assert result == ["done"]
+    assert query.finish() == "done"
     assert idle.execute("SELECT 2").fetchone()[0] == 2
     idle.close()
     busy.close()
@@ -92,16 +82,8 @@ def test_cancel_with_a_wrong_secret_is_ignored(pg: LocalPostgres, make_proxy) ->
     pid = conn.pgconn.backend_pid
     assert pid > 0
 
-    result: list[object] = []
-
-    def run() -> None:
-        try:
-            result.append(conn.execute("SELECT pg_sleep(0.5), 'done'").fetchone()[1])
-        except BaseException as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    query = Background(lambda: conn.execute("SELECT pg_sleep(0.5), 'done'").fetchone()[1])
+    query.start()
     wait_for(lambda: _sleeping(pg), what="pg_sleep to start")
     with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
         sock.sendall(
@@ -111,30 +93,21 @@ def test_cancel_with_a_wrong_secret_is_ignored(pg: LocalPostgres, make_proxy) ->
             + (12345).to_bytes(4, "big")
         )
         assert sock.recv(10) == b""
-    thread.join(10)
-    assert result == ["done"]
+    assert query.finish() == "done"
     conn.close()
 
 
 def test_psycopg_cancel_reports_query_canceled(pg: LocalPostgres, make_proxy) -> None:
     proxy = make_proxy()
     conn = connect(proxy.port)
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            conn.execute("SELECT pg_sleep(30)")
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    query = Background(lambda: conn.execute("SELECT pg_sleep(30)"))
+    query.start()
     wait_for(lambda: _sleeping(pg), what="pg_sleep to start")
     started = time.monotonic()
     conn.cancel_safe()
-    thread.join(10)
+    outcome = query.finish()
     assert time.monotonic() - started < 2
-    assert len(errors) == 1 and isinstance(errors[0], psycopg.errors.QueryCanceled)
+    assert isinstance(outcome, psycopg.errors.QueryCanceled)
     assert conn.execute("SELECT 3").fetchone()[0] == 3
     conn.close()
 

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import threading
-
 import psycopg
 import pytest
 
 from pgproxy.localpg import LocalPostgres
 
-from .helpers import connect, kill_socket, wait_for
+from .helpers import Background, connect, kill_socket, wait_for
 
 
 @pytest.fixture
@@ -71,22 +69,14 @@ def test_client_gone_mid_transaction_is_rolled_back_and_server_reused_clean(
 def test_client_killed_mid_query_has_its_query_cancelled(pg: LocalPostgres, make_proxy) -> None:
     proxy = make_proxy(default_pool_size="1")
     a = connect(proxy.port)
-    errors: list[BaseException] = []
-
-    def sleep() -> None:
-        try:
-            a.execute("SELECT pg_sleep(30)")
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=sleep)
-    thread.start()
+    query = Background(lambda: a.execute("SELECT pg_sleep(30)"))
+    query.start()
     wait_for(
         lambda: any("pg_sleep" in (q or "") and s == "active" for _, s, q in _app_backends(pg)),
         what="pg_sleep to run",
     )
     kill_socket(a)
-    thread.join(10)
+    assert isinstance(query.finish(), psycopg.Error)
     a.close()
     wait_for(
         lambda: not any("pg_sleep" in (q or "") and s == "active" for _, s, q in _app_backends(pg)),
