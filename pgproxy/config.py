@@ -420,6 +420,15 @@ class Settings(BaseSettings):
             "(as in PgBouncer)."
         ),
     )
+    max_prepared_statements: int = Field(
+        default=200,
+        ge=0,
+        description=(
+            "Protocol-level named prepared statements kept per server connection in transaction "
+            "mode, least recently used closed first; 0 = do not map names: a client that "
+            "prepares is pinned to its server instead (PgBouncer's max_prepared_statements)."
+        ),
+    )
     max_client_conn: int = Field(
         default=10000,
         ge=1,

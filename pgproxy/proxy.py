@@ -9,6 +9,7 @@ path is the protocols' callbacks.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import secrets
@@ -47,6 +48,8 @@ RESET_TIMEOUT = 10.0
 CANCEL_TIMEOUT = 5.0
 # Timeouts (query_wait_timeout, idle_transaction_timeout, ...) fire within this of their due.
 WATCHDOG_INTERVAL = 0.5
+# How long a stopping proxy waits for the sockets it closed to be gone.
+CLOSE_WAIT = 2.0
 
 ServerPool = Pool[ServerConnection, ClientConnection]
 
@@ -63,6 +66,10 @@ class Proxy:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.releases_after_transaction = settings.pool_mode == PoolMode.TRANSACTION
+        # Named prepared statements get the proxy's names, so that any server can run them.
+        self.maps_statements = (
+            self.releases_after_transaction and settings.max_prepared_statements > 0
+        )
         self.users: dict[str, UserAuth] = {
             u.name: user_auth_from_password(u.name, u.password) for u in settings.users
         }
@@ -88,6 +95,8 @@ class Proxy:
         self._force: asyncio.Event | None = None
         self._no_clients: asyncio.Event | None = None
         self.listen_port = 0
+        # Server connections closed by us whose connection_lost has not come yet.
+        self._closing: set[ServerConnection] = set()
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -165,12 +174,23 @@ class Proxy:
             client.fail(self.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
         for server in list(self.servers):
             self.close_server(server, DisconnectReason.SHUTDOWN)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(CLOSE_WAIT):
+                await self._until_all_gone()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._listener is not None:
             await self._listener.wait_closed()
         log.info("stopped")
+
+    async def _until_all_gone(self) -> None:
+        """Wait for closed connections to report connection_lost before the loop ends."""
+        assert self._no_clients is not None
+        while self.clients or self._closing:
+            self._no_clients.clear()
+            if self.clients or self._closing:
+                await self._no_clients.wait()
 
     def shutdown_error(self) -> PgProxyError:
         return ShutdownError("pgproxy is shutting down")
@@ -510,6 +530,8 @@ class Proxy:
             reset = self.settings.server_reset_query.upper()
             if "DISCARD ALL" in reset or "RESET ALL" in reset:
                 st.applied.clear()
+            if "DISCARD ALL" in reset or "DEALLOCATE ALL" in reset:
+                st.statements.clear()
         self.checkin(server)
 
     def close_server(self, server: ServerConnection, reason: DisconnectReason) -> None:
@@ -520,6 +542,8 @@ class Proxy:
         self.servers.discard(server)
         log.info("%r closed (%s)", server, reason.value)
         client = server.client
+        if server.transport is not None and not server.transport.is_closing():
+            self._closing.add(server)
         server.close()
         if client is not None:
             client.unlink()
@@ -530,6 +554,10 @@ class Proxy:
         self._replenish(pool)
 
     def server_lost(self, server: ServerConnection) -> None:
+        if server in self._closing:
+            self._closing.discard(server)
+            if self.draining and self._no_clients is not None:
+                self._no_clients.set()
         if server not in self.servers:
             return  # never logged in, or already closed by us
         self.servers.discard(server)

@@ -7,6 +7,7 @@ go to the server once one is linked. No I/O, no clock (times are arguments).
 from dataclasses import dataclass, field
 from enum import Enum
 
+from pgproxy.core.prepared import ClientStatements, Rewriter
 from pgproxy.core.server import FRONTEND_VALID, FRONTEND_WATCHED, ClientView
 from pgproxy.errors import ProtocolError
 from pgproxy.wire.codes import FrontendCode
@@ -63,6 +64,11 @@ class ClientState:
     # a simple Query). Drivers parse in one round trip and bind in the next (pg8000, asyncpg),
     # and a transaction-mode client may get another server in between.
     last_unnamed_parse: bytes | None = None
+    # The client has defined a named prepared statement (protocol level).
+    uses_named: bool = False
+    # Its named statements, and while a link maps them, the rewriter of its messages.
+    statements: ClientStatements = field(default_factory=ClientStatements)
+    rewriter: Rewriter | None = None
     scanner: MessageScanner = field(
         default_factory=lambda: MessageScanner(FRONTEND_WATCHED, valid=FRONTEND_VALID)
     )
@@ -80,6 +86,8 @@ class ClientState:
                     if body[:1] == b"\x00":
                         # A body cut at the scanner's keep limit cannot be replayed.
                         self.last_unnamed_parse = body if len(body) < REPLAY_LIMIT else None
+                    else:
+                        self.uses_named = True
                 elif code == _QUERY:
                     self.last_unnamed_parse = None
                 elif code == FrontendCode.TERMINATE:
@@ -115,4 +123,9 @@ class ClientState:
     @property
     def at_boundary(self) -> bool:
         """No half-received message: the server has not been given part of one."""
-        return self.scanner.at_boundary and not self.torn
+        rewriter = self.rewriter
+        return (
+            self.scanner.at_boundary
+            and not self.torn
+            and (rewriter is None or rewriter.at_boundary)
+        )

@@ -138,7 +138,8 @@ class Expected:
     code: int  # the frontend message code
     action: Action
     fake: bytes = b""  # for FAKE: the bytes the client gets
-    statement: bytes = b""  # for Parse: the server-side name it prepares
+    statement: bytes = b""  # for Parse and Close: the server-side statement name
+    client_name: bytes = b""  # for a client's Parse: the name the client gave
 
 
 # Backend messages that end the answer to each kind of frontend message (an ErrorResponse
@@ -191,10 +192,13 @@ class TrackerEvents:
     """Bookkeeping results of one `feed`, as server-side statement names."""
 
     prepared: list[bytes] = field(default_factory=list)  # Parse confirmed by the server
-    failed: list[bytes] = field(default_factory=list)  # Parse refused or skipped by the server
+    # Parse refused or skipped by the server: (server name, client name or b"")
+    failed: list[tuple[bytes, bytes]] = field(default_factory=list)
     # A Parse the proxy would have answered itself, skipped after an error: the server still
-    # has the statement, but the client must not think it defined its name.
+    # has the statement, but the client's name must not stay defined. (client name)
     unanswered: list[bytes] = field(default_factory=list)
+    # The proxy's Close of an evicted statement, skipped: the statement is still there.
+    not_closed: list[bytes] = field(default_factory=list)
 
 
 class ResponseTracker:
@@ -244,6 +248,9 @@ class ResponseTracker:
             if head is None:
                 continue
             if code == BackendCode.ERROR_RESPONSE and head.code in _EXTENDED:
+                if head.code == FrontendCode.CLOSE and head.action is Action.SWALLOW:
+                    events.not_closed.append(head.statement)
+                    queue.popleft()  # the proxy's own Close failed; nothing of the client's
                 self._fail(events)
             elif code in _ENDS.get(head.code, ()):
                 queue.popleft()
@@ -263,6 +270,126 @@ class ResponseTracker:
             skipped = queue.popleft()
             if skipped.code == FrontendCode.PARSE:
                 if skipped.action is Action.FAKE:
-                    events.unanswered.append(skipped.statement)
+                    events.unanswered.append(skipped.client_name)
                 else:
-                    events.failed.append(skipped.statement)
+                    events.failed.append((skipped.statement, skipped.client_name))
+            elif skipped.code == FrontendCode.CLOSE and skipped.action is Action.SWALLOW:
+                events.not_closed.append(skipped.statement)
+
+
+def _message(code: int, body: bytes) -> bytes:
+    return bytes((code,)) + (len(body) + 4).to_bytes(4, "big") + body
+
+
+class Rewriter:
+    """A client's messages to the server of a transaction-mode link, names mapped.
+
+    Works on whole messages (a partial one waits for the rest), because a rewritten message
+    has another length. Started only where the stream is at a message boundary.
+    """
+
+    __slots__ = ("_carry",)
+
+    def __init__(self) -> None:
+        self._carry = bytearray()
+
+    @property
+    def at_boundary(self) -> bool:
+        return not self._carry
+
+    def feed(
+        self,
+        data: bytes,
+        *,
+        client: ClientStatements,
+        server: ServerStatements,
+        tracker: ResponseTracker,
+    ) -> tuple[bytes, list[tuple[int, bytes, int]]]:
+        """Bytes for the server, and the messages they hold (code, body, 0) for `ServerState`.
+
+        Registers in `tracker` what the server will owe for each, and the answers the proxy
+        gives itself (ParseComplete when the server already has the statement, CloseComplete).
+        """
+        if self._carry:
+            self._carry += data
+            buf: bytes | bytearray = self._carry
+        else:
+            buf = data
+        out = bytearray()
+        sent: list[tuple[int, bytes, int]] = []
+        n = len(buf)
+        pos = 0
+        while n - pos >= 5:
+            code = buf[pos]
+            end = pos + 1 + int.from_bytes(buf[pos + 1 : pos + 5], "big")
+            if end > n:
+                break
+            body = bytes(buf[pos + 5 : end])
+            raw = buf[pos:end]
+            pos = end
+            if code == FrontendCode.PARSE:
+                name, definition = split_parse(body)
+                if not name:
+                    out += raw
+                    tracker.expect(Expected(code, Action.FORWARD))
+                    sent.append((code, body, 0))
+                    continue
+                server_name = client.define(name, definition)
+                if server.use(server_name):
+                    tracker.expect(
+                        Expected(
+                            code,
+                            Action.FAKE,
+                            fake=PARSE_COMPLETE,
+                            statement=server_name,
+                            client_name=name,
+                        )
+                    )
+                    continue
+                server.add(server_name)
+                new_body = server_name + b"\x00" + definition
+                out += _message(code, new_body)
+                tracker.expect(
+                    Expected(code, Action.FORWARD, statement=server_name, client_name=name)
+                )
+                sent.append((code, new_body, 0))
+            elif code == FrontendCode.BIND or (
+                code == FrontendCode.DESCRIBE and body[:1] == b"S" and body[1:2] != b"\x00"
+            ):
+                start = body.index(b"\x00") + 1 if code == FrontendCode.BIND else 1
+                stop = body.index(b"\x00", start)
+                entry = client.lookup(body[start:stop]) if stop > start else None
+                if entry is None:
+                    out += raw  # unnamed, or unknown: the server says so in its own words
+                    tracker.expect(Expected(code, Action.FORWARD))
+                    sent.append((code, body, 0))
+                    continue
+                definition, server_name = entry
+                if not server.use(server_name):
+                    # Prepared on another server: prepare it here first, quietly.
+                    server.add(server_name)
+                    parse_body = server_name + b"\x00" + definition
+                    out += _message(FrontendCode.PARSE, parse_body)
+                    tracker.expect(
+                        Expected(FrontendCode.PARSE, Action.SWALLOW, statement=server_name)
+                    )
+                    sent.append((FrontendCode.PARSE, parse_body, 0))
+                new_body = body[:start] + server_name + body[stop:]
+                out += _message(code, new_body)
+                tracker.expect(Expected(code, Action.FORWARD))
+                sent.append((code, new_body, 0))
+            elif code == FrontendCode.CLOSE and body[:1] == b"S" and body[1:2] != b"\x00":
+                # Other clients may use the statement: only this client's name goes.
+                client.forget(body[1 : body.index(b"\x00", 1)])
+                tracker.expect(Expected(code, Action.FAKE, fake=CLOSE_COMPLETE))
+            else:
+                out += raw
+                if code in _ENDS:
+                    tracker.expect(Expected(code, Action.FORWARD))
+                if code != FrontendCode.COPY_DATA:
+                    sent.append((code, body, 0))
+        if pos < n:
+            self._carry = bytearray(buf[pos:])
+        elif self._carry:
+            self._carry = bytearray()
+        return bytes(out), sent

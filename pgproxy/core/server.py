@@ -18,6 +18,14 @@ from dataclasses import dataclass, field
 from enum import Enum
 
 from pgproxy.core.params import TRACKED_STARTUP_PARAMS
+from pgproxy.core.prepared import (
+    TRACKED_BACKEND,
+    Action,
+    Expected,
+    ResponseTracker,
+    ServerStatements,
+    close_statement_message,
+)
 from pgproxy.core.session_state import SessionEffect, inspect
 from pgproxy.wire import messages
 from pgproxy.wire.codes import BackendCode, FrontendCode, TransactionStatus
@@ -144,6 +152,15 @@ class ServerState:
     needs_prelude: bool = False
     # Body of the Parse that created the unnamed statement this server holds now (None: none).
     unnamed_parse: bytes | None = None
+    # Named statements prepared on this server under the proxy's names (kept across clients).
+    statements: ServerStatements = field(default_factory=ServerStatements)
+    # While the link maps statement names: what the server owes, message by message, and a
+    # scanner that sees every message that ends an answer.
+    tracker: ResponseTracker | None = None
+    tracker_scanner: MessageScanner | None = None
+    # A COPY started by the extended protocol under a tracker: its skipped Syncs cannot be
+    # told apart, so the tracker would wait forever; such a link is failed.
+    extended_copy: bool = False
     # The client this connection serves now, if any.
     client: "ClientView | None" = None
     scanner: MessageScanner = field(default_factory=lambda: MessageScanner(BACKEND_WATCHED))
@@ -223,8 +240,9 @@ class ServerState:
                 if code == _P:
                     if body[:1] == b"\x00":
                         self.unnamed_parse = body
-                    elif self.pinned is None:
-                        # A named prepared statement lives on this server only.
+                    elif self.pinned is None and self.tracker is None:
+                        # A named prepared statement lives on this server only (unless the
+                        # proxy maps names: then the statement is the proxy's).
                         self.pinned = "named prepared statement"
                     effect = inspect(body[body.find(b"\x00") + 1 :])
                     if effect is not None:
@@ -234,6 +252,19 @@ class ServerState:
                     self.segment = _SEG_DIRTY
                 elif self.segment == _SEG_EMPTY:
                     self.segment = _SEG_PRE
+
+    def start_tracking(self) -> None:
+        """Track answers message by message (only where nothing is outstanding)."""
+        assert not self.queue and self.scanner.at_boundary
+        self.tracker = ResponseTracker()
+        self.tracker_scanner = MessageScanner(TRACKED_BACKEND)
+
+    def stop_tracking(self) -> bool:
+        """End tracking at the end of a link; False if something was still owed (not clean)."""
+        tracker = self.tracker
+        self.tracker = None
+        self.tracker_scanner = None
+        return tracker is None or len(tracker) == 0
 
     def _apply(self, effect: SessionEffect, depth: int) -> None:
         if effect.pin is not None and self.pinned is None:
@@ -245,6 +276,7 @@ class ServerState:
         # The server goes back to its defaults; the client expects its startup values.
         client = self.client
         if effect.reset_all:
+            self.statements.clear()  # DISCARD ALL deallocates every prepared statement
             self.applied.clear()
             self.resetting_all = True
             if client is not None:
@@ -268,6 +300,8 @@ class ServerState:
         Only when the server owes the client nothing: swallowing starts at a chunk boundary.
         """
         self.unnamed_parse = None
+        if self.tracker is not None:
+            self.tracker.expect(Expected(_Q, Action.SWALLOW))
         return self.send_proxy_messages(messages.query(sql))
 
     def send_proxy_messages(self, raw: bytes) -> bytes:
@@ -281,9 +315,21 @@ class ServerState:
     def replay_unnamed_parse(self, body: bytes) -> bytes:
         """Parse + Sync recreating a client's unnamed statement here; the answers are swallowed."""
         self.unnamed_parse = body
+        if self.tracker is not None:
+            self.tracker.expect(Expected(_P, Action.SWALLOW))
+            self.tracker.expect(Expected(_S, Action.SWALLOW))
         return self.send_proxy_messages(
             b"P" + (len(body) + 4).to_bytes(4, "big") + body + messages.sync()
         )
+
+    def close_statements(self, names: list[bytes]) -> bytes:
+        """Close + Sync for statements evicted from this server (answers swallowed)."""
+        raw = b"".join(close_statement_message(name) for name in names) + messages.sync()
+        if self.tracker is not None:
+            for name in names:
+                self.tracker.expect(Expected(FrontendCode.CLOSE, Action.SWALLOW, statement=name))
+            self.tracker.expect(Expected(_S, Action.SWALLOW))
+        return self.send_proxy_messages(raw)
 
     # -- server → frontend -------------------------------------------------------------------
 
@@ -363,6 +409,7 @@ class ServerState:
             return
         # The queued Sync came right after the COPY's Execute: the server will skip it, and
         # any Sync queued after it with nothing in between.
+        self.extended_copy = True
         queue.popleft()
         while queue and queue[0] == _S | (_SEG_EMPTY << 8):
             queue.popleft()

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, cast
 from pgproxy.core.client import ClientPhase, ClientState, uses_unnamed_statement_first
 from pgproxy.core.login import Authenticated, CancelRequested, ClientLogin, LoginEvent, Send
 from pgproxy.core.params import build_prelude
+from pgproxy.core.prepared import Rewriter, TrackerEvents
 from pgproxy.core.server import DisconnectReason, ServerState
 from pgproxy.errors import PgProxyError, ServerError, Severity, TooManyClientsError
 from pgproxy.net.flow import GateReason, ReadGate
@@ -226,19 +227,19 @@ class ClientConnection(asyncio.Protocol):
         if server is not None:
             sst = server.state
             assert sst is not None
+            quiet = was_at_boundary and sst.expect_nothing() and sst.scanner.at_boundary
+            if quiet and st.rewriter is None and st.uses_named and self._may_map(sst):
+                self._start_mapping(sst)
+            prefix = b""
             if (
                 sst.needs_prelude
                 and out
-                and was_at_boundary
-                and sst.expect_nothing()
+                and quiet
                 and sst.transaction_status == TransactionStatus.IDLE
             ):
                 # A RESET left the server with its defaults; the client expects its own.
-                out = self._prepare(sst, msgs) + out
-            if out:
-                server.write(out)
-            if msgs:
-                sst.note_frontend(msgs)
+                prefix = self._prepare(sst, msgs)
+            self._forward(server, sst, prefix, out, msgs)
         elif st.hold(out, msgs, self.proxy.now()) and not self.proxy.request_server(self):
             # No server yet: stop reading so that held bytes stay one chunk at most.
             assert self.gate is not None
@@ -259,18 +260,70 @@ class ClientConnection(asyncio.Protocol):
         sst.last_used_at = self.proxy.now()
         st.phase = ClientPhase.ACTIVE
         data, msgs = st.take_pending()
-        prefix = self._prepare(sst, msgs)
-        if prefix:
-            data = prefix + data
-        if data:
-            server.write(data)
-        if msgs:
-            sst.note_frontend(msgs)
+        if st.uses_named and self._may_map(sst):
+            self._start_mapping(sst)
+        prefix = b""
+        evicted = sst.statements.overflow()
+        if evicted:
+            prefix = sst.close_statements(evicted)
+        prefix += self._prepare(sst, msgs)
+        self._forward(server, sst, prefix, data, msgs)
         if self.write_paused:
             server.gate.add(GateReason.PEER_BACKLOG)
         if server.write_paused:
             self.gate.add(GateReason.PEER_BACKLOG)
         self.gate.discard(GateReason.WAITING_FOR_SERVER)
+
+    def _may_map(self, sst: ServerState) -> bool:
+        """Can this link map statement names? (Transaction mode; server not pinned to us.)"""
+        return self.proxy.maps_statements and sst.pinned is None and sst.segment == 0
+
+    def _start_mapping(self, sst: ServerState) -> None:
+        st = self.state
+        assert st is not None
+        st.rewriter = Rewriter()
+        sst.start_tracking()
+
+    def _forward(
+        self,
+        server: ServerConnection,
+        sst: ServerState,
+        prefix: bytes,
+        data: bytes,
+        msgs: list[tuple[int, bytes, int]],
+    ) -> None:
+        """Send the proxy's `prefix`, then the client's `data` (names mapped when mapping)."""
+        st = self.state
+        assert st is not None
+        rewriter = st.rewriter
+        tracker = sst.tracker
+        if rewriter is not None and tracker is not None:
+            data, msgs = rewriter.feed(
+                data, client=st.statements, server=sst.statements, tracker=tracker
+            )
+        out = prefix + data if prefix else data
+        if out:
+            server.write(out)
+        if msgs:
+            sst.note_frontend(msgs)
+        if tracker is not None:
+            fakes = tracker.take_fakes()
+            if fakes:
+                self.write(fakes)
+
+    def statement_events(self, sst: ServerState, events: TrackerEvents) -> None:
+        """Keep the names true after the server confirmed, refused or skipped Parses."""
+        st = self.state
+        assert st is not None
+        for server_name, client_name in events.failed:
+            sst.statements.discard(server_name)
+            entry = st.statements.lookup(client_name) if client_name else None
+            if entry is not None and entry[1] == server_name:
+                st.statements.forget(client_name)
+        for client_name in events.unanswered:
+            st.statements.forget(client_name)
+        for server_name in events.not_closed:
+            sst.statements.add(server_name)
 
     def _prepare(self, sst: ServerState, msgs: list[tuple[int, bytes, int]]) -> bytes:
         """The proxy's own messages that must precede `msgs` on this server, if any.
@@ -303,6 +356,10 @@ class ClientConnection(asyncio.Protocol):
         server.client = None
         if server.state is not None:
             server.state.client = None
+            if not server.state.stop_tracking():
+                server.state.unpredictable = True  # answers still owed: never reuse it
+        if self.state is not None:
+            self.state.rewriter = None
         if server.gate is not None:
             server.gate.discard(GateReason.PEER_BACKLOG)
         if self.gate is not None:

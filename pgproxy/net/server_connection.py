@@ -11,9 +11,10 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, cast
 
+from pgproxy.core.prepared import ServerStatements, TrackerEvents
 from pgproxy.core.server import DisconnectReason, ServerState
 from pgproxy.core.server_login import ServerLogin
-from pgproxy.errors import BackendUnavailableError, PgProxyError
+from pgproxy.errors import BackendUnavailableError, FeatureNotSupportedError, PgProxyError
 from pgproxy.net.flow import GateReason, ReadGate
 
 if TYPE_CHECKING:
@@ -93,7 +94,25 @@ class ServerConnection(asyncio.Protocol):
                 return
             client = self.client
             if client is not None:
-                if st.swallowing:
+                tracker = st.tracker
+                if tracker is not None:
+                    assert st.tracker_scanner is not None
+                    events = TrackerEvents()
+                    out = tracker.feed(data, st.tracker_scanner.feed(data), events)
+                    st.feed(data)
+                    if st.outbox:
+                        client.write(b"".join(st.outbox))
+                        st.outbox.clear()
+                    if out:
+                        client.write(out)
+                    if events.failed or events.unanswered or events.not_closed:
+                        client.statement_events(st, events)
+                    if st.extended_copy:
+                        raise FeatureNotSupportedError(
+                            "COPY through the extended protocol, with named prepared "
+                            "statements, is not supported in transaction mode"
+                        )
+                elif st.swallowing:
                     start = st.feed(data)
                     if st.outbox:
                         client.write(b"".join(st.outbox))
@@ -173,13 +192,14 @@ class ServerConnection(asyncio.Protocol):
                 self.transport.close()
                 return
             self._login = None
-            now = asyncio.get_running_loop().time()
+            now = self.proxy.now()
             self.state = ServerState(
                 id=self.id,
                 created_at=now,
                 backend_key=step.backend_key,
                 params=dict(step.parameters),
                 last_used_at=now,
+                statements=ServerStatements(capacity=self.proxy.settings.max_prepared_statements),
             )
             self.logged_in.set_result(None)
 
