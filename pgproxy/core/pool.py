@@ -37,6 +37,17 @@ class Pool(Generic[S, C]):
     waiters: dict[C, float] = field(default_factory=dict)
     # ParameterStatus values of a fresh server connection (the "welcome"), once known.
     welcome: dict[str, str] | None = None
+    # Server-side names of statements some server of this pool prepared successfully, most
+    # recent last (bounded): a client's Parse of one can be answered without a server.
+    known_statements: dict[bytes, None] = field(default_factory=dict)
+
+    def note_prepared(self, names: list[bytes], limit: int = 10_000) -> None:
+        known = self.known_statements
+        for name in names:
+            known.pop(name, None)
+            known[name] = None
+        while len(known) > limit:
+            del known[next(iter(known))]
 
     @property
     def total(self) -> int:

@@ -14,12 +14,19 @@ from typing import TYPE_CHECKING, cast
 from pgproxy.core.client import ClientPhase, ClientState, uses_unnamed_statement_first
 from pgproxy.core.login import Authenticated, CancelRequested, ClientLogin, LoginEvent, Send
 from pgproxy.core.params import build_prelude
-from pgproxy.core.prepared import Rewriter, TrackerEvents
+from pgproxy.core.prepared import (
+    CLOSE_COMPLETE,
+    PARSE_COMPLETE,
+    Rewriter,
+    TrackerEvents,
+    split_parse,
+    statement_name,
+)
 from pgproxy.core.server import DisconnectReason, ServerState
 from pgproxy.errors import PgProxyError, ServerError, Severity, TooManyClientsError
 from pgproxy.net.flow import GateReason, ReadGate
 from pgproxy.wire import messages
-from pgproxy.wire.codes import SSL_REQUEST_CODE, TransactionStatus
+from pgproxy.wire.codes import SSL_REQUEST_CODE, FrontendCode, TransactionStatus
 
 if TYPE_CHECKING:
     from pgproxy.core.pool import Pool
@@ -27,6 +34,11 @@ if TYPE_CHECKING:
     from pgproxy.proxy import Proxy
 
 log = logging.getLogger("pgproxy.client")
+
+_PARSE = FrontendCode.PARSE
+_CLOSE = FrontendCode.CLOSE
+_SYNC = FrontendCode.SYNC
+_FLUSH = FrontendCode.FLUSH
 
 
 class ClientConnection(asyncio.Protocol):
@@ -240,6 +252,8 @@ class ClientConnection(asyncio.Protocol):
                 # A RESET left the server with its defaults; the client expects its own.
                 prefix = self._prepare(sst, msgs)
             self._forward(server, sst, prefix, out, msgs)
+        elif not st.pending and self._answer_without_server(out, msgs):
+            pass
         elif st.hold(out, msgs, self.proxy.now()) and not self.proxy.request_server(self):
             # No server yet: stop reading so that held bytes stay one chunk at most.
             assert self.gate is not None
@@ -273,6 +287,51 @@ class ClientConnection(asyncio.Protocol):
         if server.write_paused:
             self.gate.add(GateReason.PEER_BACKLOG)
         self.gate.discard(GateReason.WAITING_FOR_SERVER)
+
+    def _answer_without_server(self, data: bytes, msgs: list[tuple[int, bytes, int]]) -> bool:
+        """Answer Parse/Close of named statements + Sync here, if the pool knows them.
+
+        A driver that prepares in a round trip of its own (pgbench -M prepared, PQprepare)
+        then needs no server for it: waiting for one there can deadlock a client program that
+        prepares synchronously while another of its connections holds the server in a
+        transaction. The statement is prepared on demand when the client binds it.
+        """
+        st = self.state
+        pool = self.pool
+        if (
+            not data
+            or not self.proxy.maps_statements
+            or pool is None
+            or st is None
+            or not st.at_boundary
+            or msgs[-1][0] != _SYNC
+        ):
+            return False
+        known = pool.known_statements
+        replies = []
+        for code, body, _end in msgs:
+            if code == _PARSE:
+                name, definition = split_parse(body)
+                if not name or statement_name(definition) not in known:
+                    return False
+            elif code == _CLOSE:
+                if body[:1] != b"S" or body[1:2] == b"\x00":
+                    return False
+            elif code not in (_SYNC, _FLUSH):
+                return False
+        # Every message is answerable: only now change the client's names.
+        for code, body, _end in msgs:
+            if code == _PARSE:
+                name, definition = split_parse(body)
+                st.statements.define(name, definition)
+                replies.append(PARSE_COMPLETE)
+            elif code == _CLOSE:
+                st.statements.forget(body[1 : body.index(b"\x00", 1)])
+                replies.append(CLOSE_COMPLETE)
+            elif code == _SYNC:
+                replies.append(messages.ready_for_query(TransactionStatus.IDLE))
+        self.write(b"".join(replies))
+        return True
 
     def _may_map(self, sst: ServerState) -> bool:
         """Can this link map statement names? (Transaction mode; server not pinned to us.)"""

@@ -105,6 +105,8 @@ class ServerConnection(asyncio.Protocol):
                         st.outbox.clear()
                     if out:
                         client.write(out)
+                    if events.prepared:
+                        self.pool.note_prepared(events.prepared)
                     if events.failed or events.unanswered or events.not_closed:
                         client.statement_events(st, events)
                     if st.extended_copy:

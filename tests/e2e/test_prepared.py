@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 import threading
 
 import asyncpg
@@ -105,3 +107,29 @@ def test_least_recently_used_statements_are_evicted_and_prepared_again(
         other.execute("SELECT 1")
     counts = [count for _, count in _server_view(proxy)]
     assert counts and max(counts) <= 3
+
+
+def test_pgbench_prepared_tpcb_with_more_clients_than_servers_on_one_thread(
+    pg: LocalPostgres, make_proxy
+) -> None:
+    """pgbench prepares synchronously: a Parse that waited for a server deadlocked its thread
+    while another of its clients held that server inside a transaction."""
+    pg.create_database("pgb", owner="app")
+    env = dict(os.environ, PGPASSWORD="app-secret")
+    try:
+        subprocess.run(
+            ["pgbench", "-i", "-s", "1", "-q", "-h", pg.host, "-p", str(pg.port), "-U", "app",
+             "pgb"],
+            env=env, check=True, capture_output=True,
+        )  # fmt: skip
+        proxy = make_proxy(default_pool_size="2", query_wait_timeout="10")
+        result = subprocess.run(
+            ["pgbench", "-M", "prepared", "-n", "-c", "8", "-j", "1", "-t", "20",
+             "-h", "127.0.0.1", "-p", str(proxy.port), "-U", "app", "pgb"],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        pg.execute("DROP DATABASE pgb WITH (FORCE)")
+    assert result.returncode == 0, result.stderr[-500:]
+    assert "number of transactions actually processed: 160/160" in result.stdout
+    assert "number of failed transactions: 0 " in result.stdout

@@ -132,14 +132,16 @@ def test_fake_at_the_head_is_available_before_any_server_bytes() -> None:
 def test_error_skips_to_sync_and_drops_fakes_and_reports_parses() -> None:
     t = ResponseTracker()
     t.expect(Expected(F.BIND, Action.FORWARD))
-    t.expect(Expected(F.PARSE, Action.FAKE, fake=PARSE_COMPLETE, statement=b"shared"))
-    t.expect(Expected(F.PARSE, Action.FORWARD, statement=b"mine"))
+    t.expect(
+        Expected(F.PARSE, Action.FAKE, fake=PARSE_COMPLETE, statement=b"shared", client_name=b"a")
+    )
+    t.expect(Expected(F.PARSE, Action.FORWARD, statement=b"mine", client_name=b"b"))
     t.expect(Expected(F.EXECUTE, Action.FORWARD))
     t.expect(Expected(F.SYNC, Action.FORWARD))
     out, events = run(t, ERROR + READY)
     assert out == ERROR + READY  # no ParseComplete: the server skipped that Parse
-    assert events.failed == [b"mine"]
-    assert events.unanswered == [b"shared"]
+    assert events.failed == [(b"mine", b"b")]
+    assert events.unanswered == [b"a"]
     assert len(t) == 0
 
 
@@ -148,7 +150,7 @@ def test_error_in_a_swallowed_parse_still_reaches_the_client() -> None:
     expect(t, (F.PARSE, Action.SWALLOW), (F.BIND, Action.FORWARD), (F.SYNC, Action.FORWARD))
     out, events = run(t, ERROR + READY)
     assert out == ERROR + READY
-    assert events.failed == [b"s1"]
+    assert events.failed == [(b"s1", b"")]
 
 
 def test_answers_split_across_chunks_keep_their_fate() -> None:
@@ -174,3 +176,13 @@ def test_simple_query_errors_do_not_skip_anything() -> None:
     out, _ = run(t, data)
     assert out == data
     assert len(t) == 0
+
+
+def test_a_skipped_eviction_close_is_reported_so_the_statement_stays_known() -> None:
+    t = ResponseTracker()
+    t.expect(Expected(F.BIND, Action.FORWARD))
+    t.expect(Expected(F.CLOSE, Action.SWALLOW, statement=b"old"))
+    t.expect(Expected(F.SYNC, Action.FORWARD))
+    out, events = run(t, ERROR + READY)
+    assert out == ERROR + READY
+    assert events.not_closed == [b"old"]
