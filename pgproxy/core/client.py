@@ -66,8 +66,7 @@ class ClientState:
     last_unnamed_parse: bytes | None = None
     # The client has defined a named prepared statement (protocol level).
     uses_named: bool = False
-    # Its named statements, and while a link maps them, the rewriter of its messages.
-    statements: ClientStatements = field(default_factory=ClientStatements)
+    # While a link maps statement names, the rewriter of its messages.
     rewriter: Rewriter | None = None
     scanner: MessageScanner = field(
         default_factory=lambda: MessageScanner(FRONTEND_WATCHED, valid=FRONTEND_VALID)
@@ -119,6 +118,11 @@ class ClientState:
         self.pending = []
         self.pending_msgs = []
         return data, msgs
+
+    @property
+    def statements(self) -> ClientStatements:
+        """The client's named prepared statements (its names → the proxy's)."""
+        return self.view.statements
 
     @property
     def at_boundary(self) -> bool:

@@ -21,6 +21,7 @@ from pgproxy.core.params import TRACKED_STARTUP_PARAMS
 from pgproxy.core.prepared import (
     TRACKED_BACKEND,
     Action,
+    ClientStatements,
     Expected,
     ResponseTracker,
     ServerStatements,
@@ -150,6 +151,10 @@ class ServerState:
     # The server's settings differ from the client's after a RESET: re-apply before the next
     # message outside a transaction.
     needs_prelude: bool = False
+    # What executing each prepared statement (by the name sent to the server) does to the
+    # session, for the few that reset settings or deallocate; and the one bound last.
+    statement_effects: dict[bytes, SessionEffect] = field(default_factory=dict)
+    bound_statement: bytes = b""
     # Body of the Parse that created the unnamed statement this server holds now (None: none).
     unnamed_parse: bytes | None = None
     # Named statements prepared on this server under the proxy's names (kept across clients).
@@ -229,6 +234,18 @@ class ServerState:
                 self.segment = _SEG_EMPTY
             elif code == _E:
                 self.segment = _SEG_ONE_EXECUTE if self.segment <= _SEG_PRE else _SEG_DIRTY
+                if self.statement_effects:
+                    effect = self.statement_effects.get(self.bound_statement)
+                    if effect is not None:
+                        # Answered by the ReadyForQuery of the next Sync, not queued yet.
+                        self._apply(
+                            SessionEffect(
+                                resets=effect.resets,
+                                reset_all=effect.reset_all,
+                                deallocate_all=effect.deallocate_all,
+                            ),
+                            len(self.queue) + 1,
+                        )
             elif code in (_H, _X):
                 pass
             elif code in (_COPY_DONE, _COPY_FAIL):
@@ -244,10 +261,21 @@ class ServerState:
                         # A named prepared statement lives on this server only (unless the
                         # proxy maps names: then the statement is the proxy's).
                         self.pinned = "named prepared statement"
-                    effect = inspect(body[body.find(b"\x00") + 1 :])
+                    name_end = body.find(b"\x00")
+                    effect = inspect(body[name_end + 1 :])
+                    if self.statement_effects:
+                        # A new definition under this name (the unnamed one, above all).
+                        self.statement_effects.pop(body[:name_end], None)
                     if effect is not None:
-                        # Answered by the ReadyForQuery of the next Sync, not queued yet.
-                        self._apply(effect, len(self.queue) + 1)
+                        # A pin is taken at once (when unsure, keep the server); what the
+                        # statement resets happens only when a portal of it is executed.
+                        if effect.pin is not None:
+                            self._apply(SessionEffect(pin=effect.pin), 0)
+                        if effect.resets or effect.reset_all or effect.deallocate_all:
+                            self.statement_effects[body[:name_end]] = effect
+                elif code == FrontendCode.BIND:
+                    portal_end = body.find(b"\x00")
+                    self.bound_statement = body[portal_end + 1 : body.find(b"\x00", portal_end + 1)]
                 if self.segment == _SEG_ONE_EXECUTE:
                     self.segment = _SEG_DIRTY
                 elif self.segment == _SEG_EMPTY:
@@ -271,12 +299,16 @@ class ServerState:
             self.pinned = effect.pin
             if effect.pin == "LOAD":
                 self.unpredictable = True  # a loaded library cannot be unloaded: close it later
+        if effect.deallocate_all:
+            self.statements.clear()
+            self.statement_effects.clear()
+            if self.client is not None:
+                self.client.statements.clear()
         if not effect.resets and not effect.reset_all:
             return
         # The server goes back to its defaults; the client expects its startup values.
         client = self.client
         if effect.reset_all:
-            self.statements.clear()  # DISCARD ALL deallocates every prepared statement
             self.applied.clear()
             self.resetting_all = True
             if client is not None:
@@ -441,9 +473,11 @@ def _tracked_key(name: str) -> str | None:
 class ClientView:
     """What a server connection needs to know of the client it serves (its session view)."""
 
-    __slots__ = ("reported", "startup", "wanted")
+    __slots__ = ("reported", "startup", "statements", "wanted")
 
     def __init__(self, wanted: dict[str, str], reported: dict[str, str]) -> None:
+        # The client's named prepared statements (its names → the proxy's).
+        self.statements = ClientStatements()
         # The settings of the client's startup packet: what RESET returns to.
         self.startup = dict(wanted)
         # Settings the client asked for (startup values, then its own SETs of reported ones).

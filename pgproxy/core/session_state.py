@@ -20,7 +20,17 @@ _REPORTED = frozenset(p for p in TRACKED_STARTUP_PARAMS if p != "search_path")
 _ALIASES = {b"time": "timezone", b"names": "client_encoding"}
 
 _STARTS = frozenset(
-    {b"SET", b"RESET", b"PREPARE", b"LISTEN", b"DECLARE", b"CREATE", b"LOAD", b"DISCARD"}
+    {
+        b"SET",
+        b"RESET",
+        b"PREPARE",
+        b"LISTEN",
+        b"DECLARE",
+        b"CREATE",
+        b"LOAD",
+        b"DISCARD",
+        b"DEALLOCATE",
+    }
 )
 _FIRST_LETTERS = frozenset(b"SsRrPpLlDdCc")
 
@@ -30,9 +40,12 @@ class SessionEffect:
     pin: str | None = None  # why the client must keep this server, if it must
     resets: frozenset[str] = frozenset()  # tracked settings returned to the session default
     reset_all: bool = False  # RESET ALL or DISCARD ALL
+    deallocate_all: bool = False  # DISCARD ALL or DEALLOCATE ALL: every prepared statement goes
 
 
 _RESET_ALL = SessionEffect(reset_all=True)
+_DISCARD_ALL = SessionEffect(reset_all=True, deallocate_all=True)
+_DEALLOCATE_ALL = SessionEffect(deallocate_all=True)
 
 
 def _strip(sql: bytes) -> bytes:
@@ -90,7 +103,10 @@ def _statement_effect(stmt: bytes) -> SessionEffect | None:
     if first in (b"SET", b"RESET"):
         return _set_or_reset(first, words)
     if first == b"DISCARD":
-        return _RESET_ALL if len(words) > 1 and words[1].upper() == b"ALL" else None
+        return _DISCARD_ALL if len(words) > 1 and words[1].upper() == b"ALL" else None
+    if first == b"DEALLOCATE":
+        deallocated = [w.upper() for w in words[1:3]]  # DEALLOCATE [PREPARE] ALL
+        return _DEALLOCATE_ALL if b"ALL" in deallocated else None
     if first == b"DECLARE":
         return SessionEffect(pin="DECLARE ... WITH HOLD") if b"HOLD" in stmt.upper() else None
     if first == b"CREATE":
@@ -130,7 +146,7 @@ def inspect(sql: bytes) -> SessionEffect | None:
         return _statement_effect(sql)  # one statement, perhaps with a trailing ';'
     pin: str | None = None
     resets: frozenset[str] = frozenset()
-    reset_all = False
+    reset_all = deallocate_all = False
     for stmt in sql.split(b";"):
         effect = _statement_effect(stmt)
         if effect is None:
@@ -138,9 +154,10 @@ def inspect(sql: bytes) -> SessionEffect | None:
         pin = pin or effect.pin
         resets |= effect.resets
         reset_all = reset_all or effect.reset_all
-    if pin is None and not resets and not reset_all:
+        deallocate_all = deallocate_all or effect.deallocate_all
+    if pin is None and not resets and not reset_all and not deallocate_all:
         return None
-    return SessionEffect(pin=pin, resets=resets, reset_all=reset_all)
+    return SessionEffect(pin=pin, resets=resets, reset_all=reset_all, deallocate_all=deallocate_all)
 
 
 def pins_session(sql: bytes) -> str | None:

@@ -133,3 +133,16 @@ def test_pgbench_prepared_tpcb_with_more_clients_than_servers_on_one_thread(
     assert result.returncode == 0, result.stderr[-500:]
     assert "number of transactions actually processed: 160/160" in result.stdout
     assert "number of failed transactions: 0 " in result.stdout
+
+
+def test_discard_all_by_the_client_forgets_its_statements_like_a_server_would(
+    pg: LocalPostgres, make_proxy
+) -> None:
+    proxy = make_proxy(default_pool_size="1")
+    with psycopg.connect(conninfo(proxy.port), autocommit=True) as conn:
+        conn.prepare_threshold = 0
+        assert conn.execute("SELECT %s::int", (1,)).fetchone() == (1,)
+        conn.execute("DISCARD ALL")
+        # psycopg knows DISCARD ALL drops its statements and prepares again: it must work.
+        assert conn.execute("SELECT %s::int", (2,)).fetchone() == (2,)
+    assert all(count == 0 or pinned is None for pinned, count in _server_view(proxy))
