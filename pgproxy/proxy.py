@@ -80,6 +80,7 @@ class Proxy:
         self.cancel_keys: CancelKeys[ClientConnection] = CancelKeys(lambda: secrets.randbits(32))
         self.draining = False
         self.login_failures = 0
+        self.pins_total = 0
         self._ids = itertools.count(1)
         self._welcome_waiters: dict[PoolKey, list[tuple[ClientConnection, bytes]]] = {}
         # SCRAM ClientKey per user, recovered from a client login, for pass-through to Postgres.

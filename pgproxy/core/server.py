@@ -82,6 +82,9 @@ BACKEND_WATCHED = frozenset(
 )
 
 
+HOLD_CURSOR_PIN = "WITH HOLD cursor"
+
+
 class DisconnectReason(Enum):
     """Why a connection was closed; shared by logs, admin and metrics."""
 
@@ -151,6 +154,10 @@ class ServerState:
     # The server's settings differ from the client's after a RESET: re-apply before the next
     # message outside a transaction.
     needs_prelude: bool = False
+    # WITH HOLD cursors open on this server (they outlive transactions: the client keeps it).
+    hold_cursors: set[bytes] = field(default_factory=set)
+    # Set when the server becomes pinned; read and cleared by the shell.
+    new_pin: str | None = None
     # What executing each prepared statement (by the name sent to the server) does to the
     # session, for the few that reset settings or deallocate; and the one bound last.
     statement_effects: dict[bytes, SessionEffect] = field(default_factory=dict)
@@ -243,6 +250,8 @@ class ServerState:
                                 resets=effect.resets,
                                 reset_all=effect.reset_all,
                                 deallocate_all=effect.deallocate_all,
+                                closed_cursors=effect.closed_cursors,
+                                close_all_cursors=effect.close_all_cursors,
                             ),
                             len(self.queue) + 1,
                         )
@@ -260,18 +269,26 @@ class ServerState:
                     elif self.pinned is None and self.tracker is None:
                         # A named prepared statement lives on this server only (unless the
                         # proxy maps names: then the statement is the proxy's).
-                        self.pinned = "named prepared statement"
+                        self._pin("named prepared statement")
                     name_end = body.find(b"\x00")
                     effect = inspect(body[name_end + 1 :])
                     if self.statement_effects:
                         # A new definition under this name (the unnamed one, above all).
                         self.statement_effects.pop(body[:name_end], None)
                     if effect is not None:
-                        # A pin is taken at once (when unsure, keep the server); what the
-                        # statement resets happens only when a portal of it is executed.
-                        if effect.pin is not None:
-                            self._apply(SessionEffect(pin=effect.pin), 0)
-                        if effect.resets or effect.reset_all or effect.deallocate_all:
+                        # A pin or a cursor is taken at once (when unsure, keep the server);
+                        # what the statement resets or closes happens when it is executed.
+                        if effect.pin is not None or effect.hold_cursors:
+                            self._apply(
+                                SessionEffect(pin=effect.pin, hold_cursors=effect.hold_cursors), 0
+                            )
+                        if (
+                            effect.resets
+                            or effect.reset_all
+                            or effect.deallocate_all
+                            or effect.closed_cursors
+                            or effect.close_all_cursors
+                        ):
                             self.statement_effects[body[:name_end]] = effect
                 elif code == FrontendCode.BIND:
                     portal_end = body.find(b"\x00")
@@ -280,6 +297,11 @@ class ServerState:
                     self.segment = _SEG_DIRTY
                 elif self.segment == _SEG_EMPTY:
                     self.segment = _SEG_PRE
+
+    def _pin(self, reason: str) -> None:
+        if self.pinned is None:
+            self.new_pin = reason  # the shell logs it and counts it, then clears it
+        self.pinned = reason
 
     def start_tracking(self) -> None:
         """Track answers message by message (only where nothing is outstanding)."""
@@ -295,10 +317,21 @@ class ServerState:
         return tracker is None or len(tracker) == 0
 
     def _apply(self, effect: SessionEffect, depth: int) -> None:
-        if effect.pin is not None and self.pinned is None:
-            self.pinned = effect.pin
+        if effect.pin is not None and (self.pinned is None or self.pinned == HOLD_CURSOR_PIN):
+            self._pin(effect.pin)
             if effect.pin == "LOAD":
                 self.unpredictable = True  # a loaded library cannot be unloaded: close it later
+        if effect.close_all_cursors:
+            self.hold_cursors.clear()
+        elif effect.closed_cursors:
+            self.hold_cursors -= effect.closed_cursors
+        if effect.hold_cursors:
+            self.hold_cursors |= effect.hold_cursors
+        if self.pinned is None and self.hold_cursors:
+            self._pin(HOLD_CURSOR_PIN)
+        elif self.pinned == HOLD_CURSOR_PIN and not self.hold_cursors:
+            # Every WITH HOLD cursor is closed: no state is left, the server may go back.
+            self.pinned = None
         if effect.deallocate_all:
             self.statements.clear()
             self.statement_effects.clear()

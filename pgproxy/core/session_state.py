@@ -30,6 +30,7 @@ _STARTS = frozenset(
         b"LOAD",
         b"DISCARD",
         b"DEALLOCATE",
+        b"CLOSE",
     }
 )
 _FIRST_LETTERS = frozenset(b"SsRrPpLlDdCc")
@@ -41,10 +42,14 @@ class SessionEffect:
     resets: frozenset[str] = frozenset()  # tracked settings returned to the session default
     reset_all: bool = False  # RESET ALL or DISCARD ALL
     deallocate_all: bool = False  # DISCARD ALL or DEALLOCATE ALL: every prepared statement goes
+    # WITH HOLD cursors opened and cursors closed (names as Postgres folds them).
+    hold_cursors: frozenset[bytes] = frozenset()
+    closed_cursors: frozenset[bytes] = frozenset()
+    close_all_cursors: bool = False  # CLOSE ALL (and DISCARD ALL)
 
 
 _RESET_ALL = SessionEffect(reset_all=True)
-_DISCARD_ALL = SessionEffect(reset_all=True, deallocate_all=True)
+_DISCARD_ALL = SessionEffect(reset_all=True, deallocate_all=True, close_all_cursors=True)
 _DEALLOCATE_ALL = SessionEffect(deallocate_all=True)
 
 
@@ -108,11 +113,26 @@ def _statement_effect(stmt: bytes) -> SessionEffect | None:
         deallocated = [w.upper() for w in words[1:3]]  # DEALLOCATE [PREPARE] ALL
         return _DEALLOCATE_ALL if b"ALL" in deallocated else None
     if first == b"DECLARE":
-        return SessionEffect(pin="DECLARE ... WITH HOLD") if b"HOLD" in stmt.upper() else None
+        if len(words) < 2 or b"HOLD" not in stmt.upper():
+            return None  # ends with its transaction
+        return SessionEffect(hold_cursors=frozenset({_identifier(words[1])}))
+    if first == b"CLOSE":
+        if len(words) < 2:
+            return None
+        if words[1].upper() == b"ALL":
+            return SessionEffect(close_all_cursors=True)
+        return SessionEffect(closed_cursors=frozenset({_identifier(words[1])}))
     if first == b"CREATE":
         rest = b" ".join(words[1:5]).upper()  # CREATE [OR REPLACE] [GLOBAL|LOCAL] TEMP
         return SessionEffect(pin="CREATE TEMP") if b"TEMP" in rest else None
     return SessionEffect(pin=first.decode())  # PREPARE, LISTEN, LOAD
+
+
+def _identifier(word: bytes) -> bytes:
+    """A name as Postgres keeps it: quoted as written, unquoted folded to lower case."""
+    if word.startswith(b'"') and word.endswith(b'"') and len(word) > 1:
+        return word[1:-1].replace(b'""', b'"')
+    return word.lower()
 
 
 def _set_config_pins(sql: bytes) -> str | None:
@@ -144,20 +164,27 @@ def inspect(sql: bytes) -> SessionEffect | None:
     semicolon = sql.find(b";")
     if semicolon < 0 or not sql[semicolon:].strip(b"; \t\r\n\x00"):
         return _statement_effect(sql)  # one statement, perhaps with a trailing ';'
-    pin: str | None = None
-    resets: frozenset[str] = frozenset()
-    reset_all = deallocate_all = False
-    for stmt in sql.split(b";"):
-        effect = _statement_effect(stmt)
-        if effect is None:
-            continue
-        pin = pin or effect.pin
-        resets |= effect.resets
-        reset_all = reset_all or effect.reset_all
-        deallocate_all = deallocate_all or effect.deallocate_all
-    if pin is None and not resets and not reset_all and not deallocate_all:
+    effects = [e for e in map(_statement_effect, sql.split(b";")) if e is not None]
+    if not effects:
         return None
-    return SessionEffect(pin=pin, resets=resets, reset_all=reset_all, deallocate_all=deallocate_all)
+    if len(effects) == 1:
+        return effects[0]
+    held: frozenset[bytes] = frozenset()
+    closed: frozenset[bytes] = frozenset()
+    for effect in effects:  # in order: a later CLOSE closes an earlier DECLARE
+        if effect.close_all_cursors:
+            held = frozenset()
+        held = (held - effect.closed_cursors) | effect.hold_cursors
+        closed = (closed | effect.closed_cursors) - effect.hold_cursors
+    return SessionEffect(
+        pin=next((e.pin for e in effects if e.pin is not None), None),
+        resets=frozenset().union(*(e.resets for e in effects)),
+        reset_all=any(e.reset_all for e in effects),
+        deallocate_all=any(e.deallocate_all for e in effects),
+        hold_cursors=held,
+        closed_cursors=closed,
+        close_all_cursors=any(e.close_all_cursors for e in effects),
+    )
 
 
 def pins_session(sql: bytes) -> str | None:

@@ -365,6 +365,11 @@ class ClientConnection(asyncio.Protocol):
             server.write(out)
         if msgs:
             sst.note_frontend(msgs)
+            if sst.new_pin is not None:
+                # Once per pin: the client keeps this server until the state is gone.
+                log.info("%r pinned to %r: %s", self, server, sst.new_pin)
+                self.proxy.pins_total += 1
+                sst.new_pin = None
         if tracker is not None:
             fakes = tracker.take_fakes()
             if fakes:

@@ -49,3 +49,30 @@ def test_temp_table_and_advisory_lock_are_dropped_before_the_server_is_reused(
     assert pid_b == pid_a
     assert temp_tables == 0
     assert locks == 0
+
+
+def test_a_closed_with_hold_cursor_gives_the_server_back(pg: LocalPostgres, make_proxy) -> None:
+    """Django's .iterator() outside a transaction declares one; closing it must unpin."""
+    proxy = make_proxy(default_pool_size="1", query_wait_timeout="3")
+    with connect(proxy.port) as a:
+        a.execute('DECLARE "Big" NO SCROLL CURSOR WITH HOLD FOR SELECT generate_series(1, 100)')
+        assert len(a.execute('FETCH FORWARD 1000 FROM "Big"').fetchall()) == 100
+        # While the cursor is open the server stays with `a`: nobody else may see it.
+        assert proxy.call(lambda: [s.state.pinned for s in proxy.proxy.servers]) == [
+            "WITH HOLD cursor"
+        ]
+        a.execute('CLOSE "Big"')
+        with connect(proxy.port) as b:  # would wait 3 s and fail if `a` kept the server
+            assert b.execute("SELECT 1").fetchone() == (1,)
+        assert a.execute("SELECT 2").fetchone() == (2,)
+    assert proxy.proxy.pins_total == 1
+
+
+def test_notify_reaches_a_pinned_listener(pg: LocalPostgres, make_proxy) -> None:
+    proxy = make_proxy(default_pool_size="2")
+    with connect(proxy.port) as listener, connect(proxy.port) as sender:
+        listener.execute("LISTEN jobs")
+        sender.execute("NOTIFY jobs, 'hello'")
+        notices = listener.notifies(timeout=5, stop_after=1)
+        received = [(n.channel, n.payload) for n in notices]
+    assert received == [("jobs", "hello")]

@@ -24,8 +24,6 @@ from pgproxy.core.session_state import SessionEffect, inspect, pins_session
         b"RESET search_path; SET search_path = x",
         b"LISTEN jobs",
         b"PREPARE q AS SELECT 1",
-        b"DECLARE c CURSOR WITH HOLD FOR SELECT 1",
-        b"declare c no scroll cursor with hold for select 1",
         b"CREATE TEMP TABLE t (a int)",
         b"CREATE TEMPORARY TABLE t (a int)",
         b"CREATE GLOBAL TEMPORARY TABLE t (a int)",
@@ -84,7 +82,10 @@ def test_statements_without_session_state_do_not_pin(sql: bytes) -> None:
         (b"reset datestyle;", SessionEffect(resets=frozenset({"DateStyle"}))),
         (b"RESET search_path", SessionEffect(resets=frozenset({"search_path"}))),
         (b"RESET ALL", SessionEffect(reset_all=True)),
-        (b"DISCARD ALL\x00", SessionEffect(reset_all=True, deallocate_all=True)),
+        (
+            b"DISCARD ALL\x00",
+            SessionEffect(reset_all=True, deallocate_all=True, close_all_cursors=True),
+        ),
         (b"DEALLOCATE ALL", SessionEffect(deallocate_all=True)),
         (b"DEALLOCATE PREPARE ALL;", SessionEffect(deallocate_all=True)),
         (b"DEALLOCATE q", None),
@@ -96,4 +97,26 @@ def test_statements_without_session_state_do_not_pin(sql: bytes) -> None:
 def test_resets_of_tracked_settings_are_recognised(
     sql: bytes, effect: SessionEffect | None
 ) -> None:
+    assert inspect(sql) == effect
+
+
+@pytest.mark.parametrize(
+    ("sql", "effect"),
+    [
+        (b"DECLARE c CURSOR WITH HOLD FOR SELECT 1", SessionEffect(hold_cursors=frozenset({b"c"}))),
+        (
+            b'declare "Curs_1" no scroll cursor with hold for select 1',
+            SessionEffect(hold_cursors=frozenset({b"Curs_1"})),
+        ),
+        (b"DECLARE c CURSOR FOR SELECT 1", None),
+        (b'CLOSE "Curs_1"', SessionEffect(closed_cursors=frozenset({b"Curs_1"}))),
+        (b"close C", SessionEffect(closed_cursors=frozenset({b"c"}))),
+        (b"CLOSE ALL", SessionEffect(close_all_cursors=True)),
+        (
+            b"DECLARE a CURSOR WITH HOLD FOR SELECT 1; CLOSE a",
+            SessionEffect(closed_cursors=frozenset({b"a"})),
+        ),
+    ],
+)
+def test_with_hold_cursors_are_followed_by_name(sql: bytes, effect: SessionEffect | None) -> None:
     assert inspect(sql) == effect
