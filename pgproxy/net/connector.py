@@ -48,7 +48,7 @@ async def open_server(
         raise BackendUnavailableError(
             f"could not connect to server {host}:{port}: {exc.strerror or exc}"
         ) from None
-    except PgProxyError:
+    except (PgProxyError, asyncio.CancelledError):
         if conn is not None:
             conn.close()
         raise

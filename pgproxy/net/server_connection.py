@@ -177,6 +177,10 @@ class ServerConnection(asyncio.Protocol):
 
     def _feed_login(self, data: bytes) -> None:
         assert self._login is not None and self.transport is not None
+        if self.logged_in.done():
+            # Nobody waits for this login any more (cancelled at shutdown, or timed out).
+            self.transport.close()
+            return
         try:
             step = self._login.feed(data)
         except PgProxyError as exc:
