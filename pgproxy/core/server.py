@@ -16,6 +16,7 @@ it stays with its client and is closed afterwards, never reused.
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from pgproxy.core.params import TRACKED_STARTUP_PARAMS
 from pgproxy.core.prepared import (
@@ -154,6 +155,8 @@ class ServerState:
     # The server's settings differ from the client's after a RESET: re-apply before the next
     # message outside a transaction.
     needs_prelude: bool = False
+    # Plain SETs waiting for their ReadyForQuery: [answers still to come, (name, value)...].
+    pending_sets: list[list[Any]] = field(default_factory=list)
     # WITH HOLD cursors open on this server (they outlive transactions: the client keeps it).
     hold_cursors: set[bytes] = field(default_factory=set)
     # Set when the server becomes pinned; read and cleared by the shell.
@@ -235,7 +238,11 @@ class ServerState:
                     self.unnamed_parse = None  # a simple Query destroys the unnamed statement
                     effect = inspect(body)
                     if effect is not None:
-                        self._apply(effect, len(self.queue))
+                        queue = self.queue
+                        quiet = self.transaction_status == TransactionStatus.IDLE and all(
+                            queue[i] == _PROXY for i in range(len(queue) - 1)
+                        )
+                        self._apply(effect, len(queue), quiet=quiet)
             elif code == _S:
                 self.queue.append(_S | (self.segment << 8))
                 self.segment = _SEG_EMPTY
@@ -252,8 +259,14 @@ class ServerState:
                                 deallocate_all=effect.deallocate_all,
                                 closed_cursors=effect.closed_cursors,
                                 close_all_cursors=effect.close_all_cursors,
+                                sets=effect.sets,
+                                pin=effect.pin if effect.sets else None,
                             ),
                             len(self.queue) + 1,
+                            # The first Execute since the last Sync, nothing else pending.
+                            quiet=self.segment == _SEG_ONE_EXECUTE
+                            and self.transaction_status == TransactionStatus.IDLE
+                            and all(entry == _PROXY for entry in self.queue),
                         )
             elif code in (_H, _X):
                 pass
@@ -277,13 +290,14 @@ class ServerState:
                         self.statement_effects.pop(body[:name_end], None)
                     if effect is not None:
                         # A pin or a cursor is taken at once (when unsure, keep the server);
-                        # what the statement resets or closes happens when it is executed.
-                        if effect.pin is not None or effect.hold_cursors:
+                        # what the statement sets, resets or closes happens when it runs.
+                        if (effect.pin is not None and not effect.sets) or effect.hold_cursors:
                             self._apply(
                                 SessionEffect(pin=effect.pin, hold_cursors=effect.hold_cursors), 0
                             )
                         if (
-                            effect.resets
+                            effect.sets
+                            or effect.resets
                             or effect.reset_all
                             or effect.deallocate_all
                             or effect.closed_cursors
@@ -297,6 +311,20 @@ class ServerState:
                     self.segment = _SEG_DIRTY
                 elif self.segment == _SEG_EMPTY:
                     self.segment = _SEG_PRE
+
+    def _settle_sets(self) -> None:
+        """A ReadyForQuery came: SETs whose statement is done now follow the client."""
+        still = []
+        for entry in self.pending_sets:
+            entry[0] -= 1
+            if entry[0] > 0:
+                still.append(entry)
+                continue
+            for name, value in entry[1]:
+                self.applied[name] = value
+                if self.client is not None:
+                    self.client.wanted[name] = value
+        self.pending_sets = still
 
     def _pin(self, reason: str) -> None:
         if self.pinned is None:
@@ -316,9 +344,18 @@ class ServerState:
         self.tracker_scanner = None
         return tracker is None or len(tracker) == 0
 
-    def _apply(self, effect: SessionEffect, depth: int) -> None:
-        if effect.pin is not None and (self.pinned is None or self.pinned == HOLD_CURSOR_PIN):
-            self._pin(effect.pin)
+    def _apply(self, effect: SessionEffect, depth: int, *, quiet: bool = False) -> None:
+        """Account for what a statement does; `depth`: ReadyForQuery messages until it is done.
+
+        `quiet`: it runs outside a transaction block with nothing of the client's before it,
+        so a plain SET can be followed instead of pinning.
+        """
+        pin = effect.pin
+        if effect.sets and quiet:
+            self.pending_sets.append([depth, effect.sets])
+            pin = None
+        if pin is not None and (self.pinned is None or self.pinned == HOLD_CURSOR_PIN):
+            self._pin(pin)
             if effect.pin == "LOAD":
                 self.unpredictable = True  # a loaded library cannot be unloaded: close it later
         if effect.close_all_cursors:
@@ -413,6 +450,8 @@ class ServerState:
                     self.unpredictable = True
                     continue
                 head = self.queue.popleft()
+                if self.pending_sets:
+                    self._settle_sets()
                 if self.reset_depth:
                     self.reset_depth -= 1
                     if not self.reset_depth:
@@ -447,6 +486,8 @@ class ServerState:
                 if self.swallowing:
                     self.proxy_error = fields
                 self.copy_in = False
+                # A SET of the statement group that failed (or was skipped) changed nothing.
+                self.pending_sets = [e for e in self.pending_sets if e[0] > 1]
             elif code == BackendCode.COPY_IN_RESPONSE:
                 self._enter_copy_in()
             else:  # CopyBothResponse: replication only, never expected here

@@ -10,9 +10,10 @@ RESET, RESET ALL and DISCARD ALL return tracked settings to the *session default
 a direct connection is the client's startup value; the proxy re-applies those values itself.
 """
 
+import re
 from dataclasses import dataclass
 
-from pgproxy.core.params import TRACKED_STARTUP_PARAMS, canonical_name
+from pgproxy.core.params import TRACKED_STARTUP_PARAMS, canonical_name, is_valid_setting_name
 
 # Settings the server reports with ParameterStatus: a SET of them follows the client.
 _REPORTED = frozenset(p for p in TRACKED_STARTUP_PARAMS if p != "search_path")
@@ -46,6 +47,9 @@ class SessionEffect:
     hold_cursors: frozenset[bytes] = frozenset()
     closed_cursors: frozenset[bytes] = frozenset()
     close_all_cursors: bool = False  # CLOSE ALL (and DISCARD ALL)
+    # A plain SET whose value is known: followed when it runs outside a transaction block
+    # (then `pin` is only the fallback).
+    sets: tuple[tuple[str, str], ...] = ()
 
 
 _RESET_ALL = SessionEffect(reset_all=True)
@@ -71,7 +75,30 @@ def _strip(sql: bytes) -> bytes:
             return sql
 
 
-def _set_or_reset(first: bytes, words: list[bytes]) -> SessionEffect | None:
+_SET_VALUE = re.compile(
+    rb"""^\s*SET\s+(?:SESSION\s+)?(?:"[^"]+"|[\w.]+)\s*(?:=|\s[Tt][Oo]\s)\s*(.*?)[\s;\x00]*$""",
+    re.IGNORECASE | re.DOTALL,
+)
+_LITERAL = re.compile(rb"^'((?:[^']|'')*)'$", re.DOTALL)
+_BARE_LIST = re.compile(rb'^[\w.$"-]+(?:\s*,\s*[\w.$"-]+)*$')
+_NOT_FOLLOWED = frozenset({"role", "session_authorization"})
+
+
+def _set_value(stmt: bytes) -> bytes | None:
+    """The value a `SET name = value` gives, as set_config() takes it; None when unsure."""
+    match = _SET_VALUE.match(stmt)
+    if match is None:
+        return None
+    value = match.group(1)
+    literal = _LITERAL.match(value)
+    if literal is not None:
+        return literal.group(1).replace(b"''", b"'")
+    if _BARE_LIST.match(value):
+        return value  # numbers, identifiers or lists of them: set_config reads them alike
+    return None
+
+
+def _set_or_reset(first: bytes, words: list[bytes], stmt: bytes) -> SessionEffect | None:
     rest = words[1:]
     if rest and rest[0].upper() in (b"LOCAL", b"TRANSACTION", b"CONSTRAINTS"):
         return None  # ends with the transaction
@@ -89,9 +116,19 @@ def _set_or_reset(first: bytes, words: list[bytes]) -> SessionEffect | None:
         if first == b"RESET":
             return SessionEffect(resets=frozenset({name}))
         return None  # the server reports the new value: it follows the client
-    if first == b"RESET" and name == "search_path":
+    if token == b"schema":
+        name = "search_path"  # SET SCHEMA is SET search_path
+    if name in _NOT_FOLLOWED or not is_valid_setting_name(name):
+        return SessionEffect(pin=f"{first.decode()} {name}")
+    if first == b"RESET":
         return SessionEffect(resets=frozenset({name}))
-    return SessionEffect(pin=f"{first.decode()} {name}")
+    value = _set_value(stmt)
+    if value is None:
+        return SessionEffect(pin=f"SET {name}")
+    if value.upper() == b"DEFAULT":
+        return SessionEffect(resets=frozenset({name}))
+    text = value.decode(errors="replace")
+    return SessionEffect(pin=f"SET {name}", sets=((name, text),))
 
 
 def _statement_effect(stmt: bytes) -> SessionEffect | None:
@@ -106,7 +143,7 @@ def _statement_effect(stmt: bytes) -> SessionEffect | None:
     if first not in _STARTS:
         return None
     if first in (b"SET", b"RESET"):
-        return _set_or_reset(first, words)
+        return _set_or_reset(first, words, stmt)
     if first == b"DISCARD":
         return _DISCARD_ALL if len(words) > 1 and words[1].upper() == b"ALL" else None
     if first == b"DEALLOCATE":
@@ -167,7 +204,7 @@ def inspect(sql: bytes) -> SessionEffect | None:
     effects = [e for e in map(_statement_effect, sql.split(b";")) if e is not None]
     if not effects:
         return None
-    if len(effects) == 1:
+    if len(effects) == 1 and not effects[0].sets:
         return effects[0]
     held: frozenset[bytes] = frozenset()
     closed: frozenset[bytes] = frozenset()
@@ -176,7 +213,7 @@ def inspect(sql: bytes) -> SessionEffect | None:
             held = frozenset()
         held = (held - effect.closed_cursors) | effect.hold_cursors
         closed = (closed | effect.closed_cursors) - effect.hold_cursors
-    return SessionEffect(
+    return SessionEffect(  # several statements: a SET among them pins (no `sets`)
         pin=next((e.pin for e in effects if e.pin is not None), None),
         resets=frozenset().union(*(e.resets for e in effects)),
         reset_all=any(e.reset_all for e in effects),

@@ -7,23 +7,47 @@ from pgproxy.localpg import LocalPostgres
 from .helpers import connect
 
 
-def test_set_of_an_untracked_parameter_never_reaches_another_client(
+def test_set_outside_a_transaction_follows_its_client_and_reaches_nobody_else(
     pg: LocalPostgres, make_proxy
 ) -> None:
     proxy = make_proxy(default_pool_size="2")
     a = connect(proxy.port)
     a.execute("SET work_mem = '7MB'")
-    pid_a = a.execute("SELECT pg_backend_pid()").fetchone()[0]
+    pids = set()
     for _ in range(5):
         with connect(proxy.port) as b:
             assert b.execute("SHOW work_mem").fetchone()[0] == "4MB"
-        # The pinned client keeps its server and its setting across transactions.
-        assert a.execute("SELECT pg_backend_pid(), current_setting('work_mem')").fetchone() == (
-            pid_a,
-            "7MB",
-        )
+        pid, value = a.execute("SELECT pg_backend_pid(), current_setting('work_mem')").fetchone()
+        pids.add(pid)
+        assert value == "7MB"  # on whichever server `a` gets
+    assert all(p is None for p in proxy.call(lambda: [s.state.pinned for s in proxy.proxy.servers]))
+    a.execute("RESET work_mem")
+    assert a.execute("SHOW work_mem").fetchone()[0] == "4MB"
     a.close()
     # Once it left, its server was reset before reuse.
+    with connect(proxy.port) as c, connect(proxy.port) as d:
+        c.execute("BEGIN")
+        d.execute("BEGIN")
+        rows = [x.execute("SELECT current_setting('work_mem')").fetchone()[0] for x in (c, d)]
+        assert rows == ["4MB", "4MB"]
+
+
+def test_set_inside_a_transaction_pins_and_is_reset_before_reuse(
+    pg: LocalPostgres, make_proxy
+) -> None:
+    proxy = make_proxy(default_pool_size="2")
+    a = connect(proxy.port)
+    a.execute("BEGIN")
+    a.execute("SET work_mem = '9MB'")
+    a.execute("COMMIT")
+    pid_a = a.execute("SELECT pg_backend_pid()").fetchone()[0]
+    with connect(proxy.port) as b:
+        assert b.execute("SHOW work_mem").fetchone()[0] == "4MB"
+    assert a.execute("SELECT pg_backend_pid(), current_setting('work_mem')").fetchone() == (
+        pid_a,
+        "9MB",
+    )
+    a.close()
     with connect(proxy.port) as c, connect(proxy.port) as d:
         c.execute("BEGIN")
         d.execute("BEGIN")

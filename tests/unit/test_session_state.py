@@ -11,7 +11,6 @@ from pgproxy.core.session_state import SessionEffect, inspect, pins_session
         b"SET work_mem = '64MB'",
         b"set statement_timeout to 5000\x00",
         b"SET SESSION search_path = app, public",
-        b"RESET work_mem",
         b"SET SESSION AUTHORIZATION other",
         b"SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY",
         b"BEGIN; SET lock_timeout = 1; COMMIT",
@@ -120,3 +119,42 @@ def test_resets_of_tracked_settings_are_recognised(
 )
 def test_with_hold_cursors_are_followed_by_name(sql: bytes, effect: SessionEffect | None) -> None:
     assert inspect(sql) == effect
+
+
+@pytest.mark.parametrize(
+    ("sql", "name", "value"),
+    [
+        (b"SET work_mem = '64MB'", "work_mem", "64MB"),
+        (b"set statement_timeout to 5000\x00", "statement_timeout", "5000"),
+        (b"SET search_path TO app, public;", "search_path", "app, public"),
+        (b'SET search_path = "$user", public', "search_path", '"$user", public'),
+        (b"SET myapp.tenant = 'it''s'", "myapp.tenant", "it's"),
+    ],
+)
+def test_plain_sets_carry_their_value_to_be_followed(sql: bytes, name: str, value: str) -> None:
+    effect = inspect(sql)
+    assert effect is not None
+    assert effect.sets == ((name, value),)
+    assert effect.pin is not None  # the fallback, inside a transaction block
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        b"SET x.y = E'a'",
+        b"SET work_mem = (SELECT 1)",
+        b"BEGIN; SET work_mem = 1; COMMIT",
+        b"SET SCHEMA 'app'",
+        b"SET ROLE other",
+    ],
+)
+def test_sets_that_cannot_be_replayed_exactly_only_pin(sql: bytes) -> None:
+    effect = inspect(sql)
+    assert effect is not None
+    assert effect.sets == ()
+    assert effect.pin is not None
+
+
+def test_set_to_default_and_reset_of_any_parameter_are_resets() -> None:
+    assert inspect(b"SET work_mem TO DEFAULT") == SessionEffect(resets=frozenset({"work_mem"}))
+    assert inspect(b"RESET work_mem") == SessionEffect(resets=frozenset({"work_mem"}))
