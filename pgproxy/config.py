@@ -429,6 +429,16 @@ class Settings(BaseSettings):
             "prepares is pinned to its server instead (PgBouncer's max_prepared_statements)."
         ),
     )
+    max_pinned_servers: int = Field(
+        default=0,
+        ge=0,
+        description=(
+            "Most server connections of a pool that clients may hold pinned until they "
+            "disconnect (LISTEN, temporary tables, SET in a transaction, ...); past it the "
+            "client that tries to pin gets an error. 0 = the pool size minus one (at least 1), "
+            "so that one server stays shared. Open WITH HOLD cursors do not count."
+        ),
+    )
     max_client_conn: int = Field(
         default=10000,
         ge=1,

@@ -98,6 +98,7 @@ class DisconnectReason(Enum):
     LOGIN_TIMEOUT = "login_timeout"
     WAIT_TIMEOUT = "query_wait_timeout"
     IDLE_TRANSACTION_TIMEOUT = "idle_transaction_timeout"
+    PIN_LIMIT = "max_pinned_servers"
     CONNECT_FAILED = "connect_failed"
     TOO_MANY_CLIENTS = "max_client_conn"
     DIRTY = "dirty"

@@ -22,11 +22,11 @@ from pgproxy.core.prepared import (
     split_parse,
     statement_name,
 )
-from pgproxy.core.server import DisconnectReason, ServerState
+from pgproxy.core.server import HOLD_CURSOR_PIN, DisconnectReason, ServerState
 from pgproxy.errors import PgProxyError, ServerError, Severity, TooManyClientsError
 from pgproxy.net.flow import GateReason, ReadGate
 from pgproxy.wire import messages
-from pgproxy.wire.codes import SSL_REQUEST_CODE, FrontendCode, TransactionStatus
+from pgproxy.wire.codes import SSL_REQUEST_CODE, FrontendCode, SqlState, TransactionStatus
 
 if TYPE_CHECKING:
     from pgproxy.core.pool import Pool
@@ -360,20 +360,59 @@ class ClientConnection(asyncio.Protocol):
             data, msgs = rewriter.feed(
                 data, client=st.statements, server=sst.statements, tracker=tracker
             )
+        if msgs:
+            # Accounted before the bytes go: a pin past the limit must not run at all.
+            sst.note_frontend(msgs)
+            if sst.new_pin is not None and not self._allow_pin(server, sst.new_pin):
+                return
         out = prefix + data if prefix else data
         if out:
             server.write(out)
-        if msgs:
-            sst.note_frontend(msgs)
-            if sst.new_pin is not None:
-                # Once per pin: the client keeps this server until the state is gone.
-                log.info("%r pinned to %r: %s", self, server, sst.new_pin)
-                self.proxy.pins_total += 1
-                sst.new_pin = None
         if tracker is not None:
             fakes = tracker.take_fakes()
             if fakes:
                 self.write(fakes)
+
+    def _allow_pin(self, server: ServerConnection, reason: str) -> bool:
+        """Log and count a new pin; refuse it (and close this client) past max_pinned_servers."""
+        sst = server.state
+        pool = self.pool
+        assert sst is not None and pool is not None
+        sst.new_pin = None
+        if reason != HOLD_CURSOR_PIN:
+            limit = self.proxy.settings.max_pinned_servers or max(pool.size - 1, 1)
+            pinned = sum(
+                1
+                for s in pool.active
+                if s.state is not None
+                and s.state.pinned is not None
+                and s.state.pinned != HOLD_CURSOR_PIN
+            )
+            if pinned > limit:
+                log.warning(
+                    "%r refused a pin (%s): %d of pool %s's servers are pinned already",
+                    self,
+                    reason,
+                    pinned - 1,
+                    pool.key,
+                )
+                # Nothing was sent; the server's state counts it as sent: close it, unused.
+                sst.unpredictable = True
+                self.fail(
+                    PgProxyError(
+                        f"too many pinned server connections in pool {pool.key} "
+                        f"(max_pinned_servers {limit}): {reason} would keep one more",
+                        sqlstate=SqlState.INSUFFICIENT_RESOURCES,
+                        hint="Use session pool_mode for clients that keep session state, "
+                        "or raise max_pinned_servers.",
+                    ),
+                    reason=DisconnectReason.PIN_LIMIT,
+                )
+                return False
+        # Once per pin: the client keeps this server until the state is gone.
+        log.info("%r pinned to %r: %s", self, server, reason)
+        self.proxy.pins_total += 1
+        return True
 
     def statement_events(self, sst: ServerState, events: TrackerEvents) -> None:
         """Keep the names true after the server confirmed, refused or skipped Parses."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import psycopg
+import pytest
+
 from pgproxy.localpg import LocalPostgres
 
 from .helpers import connect
@@ -100,3 +103,22 @@ def test_notify_reaches_a_pinned_listener(pg: LocalPostgres, make_proxy) -> None
         notices = listener.notifies(timeout=5, stop_after=1)
         received = [(n.channel, n.payload) for n in notices]
     assert received == [("jobs", "hello")]
+
+
+def test_pins_past_max_pinned_servers_are_refused_and_the_pool_stays_usable(
+    pg: LocalPostgres, make_proxy
+) -> None:
+    proxy = make_proxy(default_pool_size="2")  # max_pinned_servers 0: 2 - 1 = 1 pin allowed
+    with connect(proxy.port) as a, connect(proxy.port) as b:
+        a.execute("LISTEN first")
+        with pytest.raises(psycopg.OperationalError) as info:
+            b.execute("LISTEN second")
+        assert "max_pinned_servers" in str(info.value)
+        assert info.value.sqlstate == "53000"
+        with connect(proxy.port) as c:  # the unpinned server still serves everyone else
+            assert c.execute("SELECT 1").fetchone() == (1,)
+        listening = pg.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = 'LISTEN second'"
+        )
+        assert listening == [(0,)], "the refused LISTEN must not have run"
+    assert proxy.proxy.pins_total == 1
