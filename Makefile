@@ -5,14 +5,16 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
 APT_PACKAGES := postgresql postgresql-client
+NODE_DRIVERS := tests/drivers/node
+NODE_STAMP := $(NODE_DRIVERS)/node_modules/.package-lock.json
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: run test lint typecheck unit e2e bench setup system-packages pgbouncer clean
+.PHONY: run test lint typecheck unit e2e bench setup system-packages other-drivers pgbouncer clean
 
 run: setup
 	$(PY) -m pgproxy.demo
 
-test: setup
+test: setup other-drivers
 	$(PY) -m ruff format --check pgproxy tests bench
 	$(PY) -m ruff check pgproxy tests bench
 	$(PY) -m mypy pgproxy
@@ -28,7 +30,7 @@ typecheck: setup
 unit: setup
 	$(PY) -m pytest -q tests/unit
 
-e2e: setup
+e2e: setup other-drivers
 	$(PY) -m pytest -q tests/e2e
 
 bench: setup pgbouncer
@@ -60,6 +62,23 @@ system-packages:
 	    $(call apt_install,$(APT_PACKAGES)); \
 	fi
 
+# The drivers of tests/e2e/test_other_drivers.py that do not come from PyPI: the PostgreSQL JDBC
+# driver from Debian (and a JDK only when javac is missing), node-postgres from the lock file when
+# node and npm are here. Each test is skipped, with the reason, when its runtime is missing.
+other-drivers:
+	@if [ -f /usr/share/java/postgresql.jar ] && command -v javac >/dev/null; then :; \
+	elif command -v javac >/dev/null; then \
+	    $(call apt_install,libpostgresql-jdbc-java,the JDBC tests are skipped); \
+	else \
+	    $(call apt_install,libpostgresql-jdbc-java default-jdk-headless,the JDBC tests are skipped); \
+	fi
+	@if ! command -v npm >/dev/null; then \
+	    echo "no node/npm: the node-postgres tests are skipped"; \
+	elif [ ! $(NODE_STAMP) -nt $(NODE_DRIVERS)/package-lock.json ]; then \
+	    echo "installing node-postgres in $(NODE_DRIVERS) with npm ci"; \
+	    cd $(NODE_DRIVERS) && npm ci --no-audit --no-fund --loglevel=error; \
+	fi
+
 pgbouncer:
 	@command -v pgbouncer >/dev/null || ls /usr/sbin/pgbouncer >/dev/null 2>&1 \
 	    || $(call apt_install,pgbouncer)
@@ -67,12 +86,14 @@ pgbouncer:
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
 
-# apt-get install as root; otherwise say exactly what to run.
+# apt-get install as root; otherwise say exactly what to run, and stop unless the second
+# argument says what is lost without the packages (then it is only a note).
 define apt_install
 	if [ "$$(id -u)" = 0 ]; then \
-	    echo "installing $(1) with apt-get"; \
+	    echo "installing $(strip $(1)) with apt-get"; \
 	    apt-get update -qq && apt-get install -y -qq -o Dpkg::Options::=--force-confold $(1) >/dev/null; \
 	else \
-	    echo "missing system packages; run:  sudo apt-get install -y $(1)   and retry"; exit 1; \
+	    echo "missing system packages; run:  sudo apt-get install -y $(strip $(1))   and retry"; \
+	    $(if $(2),echo "  (until then $(2))",exit 1); \
 	fi
 endef

@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,12 +29,14 @@ JDBC_JARS = ("/usr/share/java/postgresql.jar", "/usr/share/java/postgresql-jdbc4
 POOL = 2
 
 
-def run_driver(command: list[str], proxy: ProxyThread, creds: Credentials, **kwargs) -> str:
+def run_driver(
+    command: list[str], proxy: ProxyThread, creds: Credentials, cwd: Path | None = None
+) -> str:
     """Run a driver program against `proxy`; return its success line, or fail with its output."""
     args = ["127.0.0.1", str(proxy.port), creds.user, creds.password, creds.database]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     result = subprocess.run(
-        [*command, *args], env=env, capture_output=True, text=True, timeout=110, **kwargs
+        [*command, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=110
     )
     output = f"--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-5000:]}"
     assert result.returncode == 0, f"{command[0]} exited with {result.returncode}\n{output}"
@@ -51,7 +54,7 @@ def assert_kept_to_pool(proxy: ProxyThread, line: str) -> None:
 
 
 def test_node_postgres_named_queries_with_one_name_for_different_sql_per_client(
-    make_proxy, app_credentials: Credentials
+    make_proxy: Callable[..., ProxyThread], app_credentials: Credentials
 ) -> None:
     node = shutil.which("node")
     if node is None:
@@ -70,7 +73,7 @@ def jdbc_jar() -> str | None:
 
 
 def test_pgjdbc_prepare_threshold_names_collide_across_connections_with_different_sql(
-    make_proxy, app_credentials: Credentials, tmp_path: Path
+    make_proxy: Callable[..., ProxyThread], app_credentials: Credentials, tmp_path: Path
 ) -> None:
     java, javac, jar = shutil.which("java"), shutil.which("javac"), jdbc_jar()
     if java is None or javac is None:
