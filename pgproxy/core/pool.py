@@ -9,6 +9,8 @@ from collections.abc import Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from pgproxy.core.prepared import StatementCounts
+
 S = TypeVar("S", bound=Hashable)
 C = TypeVar("C", bound=Hashable)
 
@@ -40,6 +42,7 @@ class Pool(Generic[S, C]):
     # Server-side names of statements some server of this pool prepared successfully, most
     # recent last (bounded): a client's Parse of one can be answered without a server.
     known_statements: dict[bytes, None] = field(default_factory=dict)
+    statement_counts: StatementCounts = field(default_factory=StatementCounts)
 
     def note_prepared(self, names: list[bytes], limit: int = 10_000) -> None:
         known = self.known_statements

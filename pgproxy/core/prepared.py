@@ -125,6 +125,16 @@ class ServerStatements:
         self.names.clear()
 
 
+@dataclass(slots=True)
+class StatementCounts:
+    """Per pool: how named statements were served (exported by the metrics)."""
+
+    hits: int = 0  # a client's Parse answered by the proxy: the server had it already
+    prepares: int = 0  # a client's Parse sent to the server
+    reprepares: int = 0  # prepared on demand on a server that lacked it (before a Bind)
+    evictions: int = 0  # closed on a server to stay within max_prepared_statements
+
+
 class Action(IntEnum):
     FORWARD = 0  # the client sent it and gets the answer
     SWALLOW = 1  # the proxy sent it; the answer is withheld (an error still reaches the client)
@@ -304,6 +314,7 @@ class Rewriter:
         client: ClientStatements,
         server: ServerStatements,
         tracker: ResponseTracker,
+        counts: StatementCounts,
     ) -> tuple[bytes, list[tuple[int, bytes, int]]]:
         """Bytes for the server, and the messages they hold (code, body, 0) for `ServerState`.
 
@@ -336,6 +347,7 @@ class Rewriter:
                     continue
                 server_name = client.define(name, definition)
                 if server.use(server_name):
+                    counts.hits += 1
                     tracker.expect(
                         Expected(
                             code,
@@ -347,6 +359,7 @@ class Rewriter:
                     )
                     continue
                 server.add(server_name)
+                counts.prepares += 1
                 new_body = server_name + b"\x00" + definition
                 out += _message(code, new_body)
                 tracker.expect(
@@ -368,6 +381,7 @@ class Rewriter:
                 if not server.use(server_name):
                     # Prepared on another server: prepare it here first, quietly.
                     server.add(server_name)
+                    counts.reprepares += 1
                     parse_body = server_name + b"\x00" + definition
                     out += _message(FrontendCode.PARSE, parse_body)
                     tracker.expect(

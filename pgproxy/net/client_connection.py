@@ -280,6 +280,8 @@ class ClientConnection(asyncio.Protocol):
         evicted = sst.statements.overflow()
         if evicted:
             prefix = sst.close_statements(evicted)
+            assert self.pool is not None
+            self.pool.statement_counts.evictions += len(evicted)
         prefix += self._prepare(sst, msgs)
         self._forward(server, sst, prefix, data, msgs)
         if self.write_paused:
@@ -324,6 +326,7 @@ class ClientConnection(asyncio.Protocol):
             if code == _PARSE:
                 name, definition = split_parse(body)
                 st.statements.define(name, definition)
+                pool.statement_counts.hits += 1
                 replies.append(PARSE_COMPLETE)
             elif code == _CLOSE:
                 st.statements.forget(body[1 : body.index(b"\x00", 1)])
@@ -357,8 +360,13 @@ class ClientConnection(asyncio.Protocol):
         rewriter = st.rewriter
         tracker = sst.tracker
         if rewriter is not None and tracker is not None:
+            assert self.pool is not None
             data, msgs = rewriter.feed(
-                data, client=st.statements, server=sst.statements, tracker=tracker
+                data,
+                client=st.statements,
+                server=sst.statements,
+                tracker=tracker,
+                counts=self.pool.statement_counts,
             )
         if msgs:
             # Accounted before the bytes go: a pin past the limit must not run at all.

@@ -10,7 +10,9 @@ from pgproxy.core.prepared import (
     ClientStatements,
     Expected,
     ResponseTracker,
+    Rewriter,
     ServerStatements,
+    StatementCounts,
     TrackerEvents,
     parse_message,
     split_parse,
@@ -186,3 +188,38 @@ def test_a_skipped_eviction_close_is_reported_so_the_statement_stays_known() -> 
     out, events = run(t, ERROR + READY)
     assert out == ERROR + READY
     assert events.not_closed == [b"old"]
+
+
+def test_rewriter_maps_names_prepares_on_demand_and_answers_known_parses() -> None:
+    client, server, tracker = ClientStatements(), ServerStatements(), ResponseTracker()
+    counts = StatementCounts()
+    rewriter = Rewriter()
+    definition = b"SELECT $1\x00\x00\x00"
+    parse = msg("P", b"s1\x00" + definition)
+    bind = msg("B", b"\x00s1\x00\x00\x00\x00\x00\x00\x00")
+    sync = msg("S")
+    # The first Parse goes to the server under the proxy's name; split anywhere, same result.
+    out, sent = rewriter.feed(parse[:3], client=client, server=server, tracker=tracker,
+                              counts=counts)  # fmt: skip
+    assert (out, sent) == (b"", [])
+    assert not rewriter.at_boundary
+    out, _ = rewriter.feed(parse[3:] + bind + sync, client=client, server=server,
+                           tracker=tracker, counts=counts)  # fmt: skip
+    server_name = statement_name(definition)
+    assert out.startswith(parse_message(server_name, definition))
+    assert server_name in out[len(parse_message(server_name, definition)) :]
+    assert rewriter.at_boundary
+    assert counts.prepares == 1
+    # Another client's Parse of the same statement is answered by the proxy.
+    other = ClientStatements()
+    tracker2 = ResponseTracker()
+    out, _ = Rewriter().feed(parse + sync, client=other, server=server, tracker=tracker2,
+                             counts=counts)  # fmt: skip
+    assert out == sync
+    assert tracker2.take_fakes() == PARSE_COMPLETE
+    assert counts.hits == 1
+    # On a server without it, a Bind is preceded by a quiet Parse.
+    out, _ = Rewriter().feed(bind + sync, client=other, server=ServerStatements(),
+                             tracker=ResponseTracker(), counts=counts)  # fmt: skip
+    assert out.startswith(parse_message(server_name, definition))
+    assert counts.reprepares == 1
