@@ -387,6 +387,8 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         assert sst is not None and pool is not None
         sst.new_pin = None
+        if not self.proxy.releases_after_transaction:
+            return True  # session mode: every client keeps its server anyway
         if reason != HOLD_CURSOR_PIN:
             limit = self.proxy.settings.max_pinned_servers or max(pool.size - 1, 1)
             pinned = sum(

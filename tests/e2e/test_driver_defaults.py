@@ -16,6 +16,12 @@ from .helpers import conninfo
 CLIENTS = 6
 
 
+@pytest.fixture(params=["transaction", "session"])
+def pool2(request, make_proxy):
+    """A pool of 2 in each mode: in session mode the clients queue for the two servers."""
+    return make_proxy(default_pool_size="2", pool_mode=request.param)
+
+
 def _run_threads(target, count: int = CLIENTS) -> None:
     errors: list[BaseException] = []
 
