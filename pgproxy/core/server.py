@@ -261,7 +261,8 @@ class ServerState:
                                 closed_cursors=effect.closed_cursors,
                                 close_all_cursors=effect.close_all_cursors,
                                 sets=effect.sets,
-                                pin=effect.pin if effect.sets else None,
+                                pin=effect.pin,
+                                hold_cursors=effect.hold_cursors,
                             ),
                             len(self.queue) + 1,
                             # The first Execute since the last Sync, nothing else pending.
@@ -303,6 +304,8 @@ class ServerState:
                             or effect.deallocate_all
                             or effect.closed_cursors
                             or effect.close_all_cursors
+                            or effect.hold_cursors
+                            or effect.pin
                         ):
                             self.statement_effects[body[:name_end]] = effect
                 elif code == FrontendCode.BIND:
@@ -477,7 +480,13 @@ class ServerState:
                 if client is not None and not self.swallowing:
                     # The client saw this message: its view and its wishes follow the server.
                     client.reported[name] = value
-                    if key is not None and not self.resetting_all and key not in self.resetting:
+                following = key is not None and not self.resetting_all and key not in self.resetting
+                if key is not None and following:
+                    if client is None:
+                        # The proxy's ROLLBACK for a client that left reverted its SET: only
+                        # what the server has now changes.
+                        self.applied[key] = value
+                    elif not self.swallowing:
                         client.wanted[key] = value
                         self.applied[key] = value
             elif code == BackendCode.ERROR_RESPONSE:

@@ -338,7 +338,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _may_map(self, sst: ServerState) -> bool:
         """Can this link map statement names? (Transaction mode; server not pinned to us.)"""
-        return self.proxy.maps_statements and sst.pinned is None and sst.segment == 0
+        return (
+            self.proxy.maps_statements
+            and sst.pinned in (None, HOLD_CURSOR_PIN)
+            and sst.segment == 0
+        )
 
     def _start_mapping(self, sst: ServerState) -> None:
         st = self.state

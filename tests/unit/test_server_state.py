@@ -1013,7 +1013,8 @@ def test_parameter_status_without_a_client_updates_the_server_only() -> None:
     server.send_proxy_query("DISCARD ALL")
     server.feed(parameter_status("application_name", "") + ready("I"))
     assert server.params["application_name"] == ""
-    assert server.applied == {}
+    # What the server has now (the rolled-back or reset value), for the next client's prelude.
+    assert server.applied == {"application_name": ""}
 
 
 def test_is_clean_ignores_parameters_the_baseline_does_not_know() -> None:
