@@ -108,9 +108,16 @@ def make_proxy(
         proxy.stop()
 
 
-@pytest.fixture
-def pool2(make_proxy: Callable[..., ProxyThread]) -> ProxyThread:
-    """A transaction-mode proxy whose pools hold 2 server connections."""
+# In session mode every connected client keeps a server: the pool must hold the test's
+# concurrent clients (up to 8 at once), still well under the cluster's max_connections.
+SESSION_POOL = 10
+
+
+@pytest.fixture(params=["transaction", "session"])
+def pool2(request: pytest.FixtureRequest, make_proxy: Callable[..., ProxyThread]) -> ProxyThread:
+    """Transaction mode with 2 server connections; session mode with one per client."""
+    if request.param == "session":
+        return make_proxy(default_pool_size=str(SESSION_POOL), pool_mode="session")
     return make_proxy(default_pool_size="2")
 
 

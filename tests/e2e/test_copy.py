@@ -23,7 +23,6 @@ from tests.e2e.conftest import ProxyThread
 from tests.e2e.test_drivers import (
     CLIENTS,
     HOST,
-    POOL,
     asyncpg_connect,
     pg8000_connect,
     psycopg_connect,
@@ -283,7 +282,7 @@ def test_asyncpg_copy_to_table_and_copy_from_query_from_ten_tasks(
 
     asyncio.run(main())
     assert app_rows(pg, app_credentials, table) == [(i, ROWS + 100) for i in range(10)]
-    assert pool2.server_count() <= POOL
+    assert pool2.server_count() <= pool2.settings.default_pool_size
 
 
 # -- psql --------------------------------------------------------------------------------------

@@ -92,12 +92,25 @@ class ServerSampler(threading.Thread):
         self.join(10)
 
 
-@pytest.fixture(scope="module", params=["psycopg", "psycopg2"])
+# In session mode each connected Django thread keeps a server: room for the 20 iterator threads.
+SESSION_POOL = 22
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        ("psycopg", "transaction"),
+        ("psycopg2", "transaction"),
+        ("psycopg", "session"),
+        ("psycopg2", "session"),
+    ],
+    ids=lambda p: f"{p[0]}-{p[1]}",
+)
 def site(
     request: pytest.FixtureRequest, pg: LocalPostgres, app_credentials: Credentials
 ) -> Iterator[DjangoSite]:
-    driver: str = request.param
-    database = f"django_{driver}"
+    driver, mode = request.param
+    database = f"django_{driver}_{mode}"
     pg.create_database(database, owner=app_credentials.user)
     try:
         proxy = ProxyThread(
@@ -105,7 +118,8 @@ def site(
                 "listen": "127.0.0.1:0",
                 "server": f"{pg.host}:{pg.port}",
                 "users": [f"{app_credentials.user}:{app_credentials.password}"],
-                "default_pool_size": str(POOL),
+                "default_pool_size": str(POOL if mode == "transaction" else SESSION_POOL),
+                "pool_mode": mode,
                 "query_wait_timeout": "15",
             }
         ).start()
@@ -120,8 +134,8 @@ def site(
 
 def assert_shared(site: DjangoSite, pids: set[int]) -> None:
     """The threads ran on at most POOL server connections: they really were shared."""
-    assert 1 <= len(pids) <= POOL, pids
-    assert site.proxy.server_count() <= POOL
+    assert 1 <= len(pids) <= site.proxy.settings.default_pool_size, pids
+    assert site.proxy.server_count() <= site.proxy.settings.default_pool_size
 
 
 def test_migrate_applies_every_migration_of_the_project_through_the_proxy(
@@ -173,7 +187,7 @@ def test_sessions_are_created_and_read_by_six_threads_over_two_server_connection
     assert out["after_clear"] == 6 * 10  # clear_expired removed the six expired sessions
     assert_shared(site, pids)
     assert sampler.samples
-    assert max(sampler.samples) <= POOL
+    assert max(sampler.samples) <= site.proxy.settings.default_pool_size
 
 
 def test_atomic_blocks_keep_released_savepoints_and_roll_back_the_rest(
@@ -227,5 +241,5 @@ def test_iterator_over_50000_rows_from_20_threads_uses_at_most_two_server_connec
         assert [hold for _, hold in client["open_cursors"]] == [holdable]
         assert client["open_cursors"][0][0].startswith("_django_curs_")
     assert sampler.samples
-    assert max(sampler.samples) <= POOL
-    assert site.proxy.server_count() <= POOL
+    assert max(sampler.samples) <= site.proxy.settings.default_pool_size
+    assert site.proxy.server_count() <= site.proxy.settings.default_pool_size

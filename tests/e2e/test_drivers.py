@@ -113,9 +113,10 @@ def pool2_any_loop(
 
 
 def assert_shared(proxy: ProxyThread, pids: set[int]) -> None:
-    """The clients ran on at most POOL server connections: they really were shared."""
-    assert 1 <= len(pids) <= POOL, pids
-    assert proxy.server_count() <= POOL
+    """The clients ran on at most the pool's server connections: they really were shared."""
+    limit = proxy.settings.default_pool_size
+    assert 1 <= len(pids) <= limit, pids
+    assert proxy.server_count() <= limit
 
 
 # -- pg8000 ------------------------------------------------------------------------------------
@@ -709,7 +710,7 @@ def test_psql_runs_queries_from_six_concurrent_processes(
 
     outputs = run_clients(CLIENTS, client)
     assert outputs == [f"{i * 7}|app\n1,2,3,4,5\n" for i in range(CLIENTS)]
-    assert pool2.server_count() <= POOL
+    assert pool2.server_count() <= pool2.settings.default_pool_size
 
 
 def test_psql_on_error_stop_script_with_error_inside_begin_leaves_nothing_behind(

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -49,19 +48,20 @@ def assert_kept_to_pool(proxy: ProxyThread, line: str) -> None:
     """The clients were served by at most POOL server connections, by both accounts."""
     backends = re.search(r"backends=(\d+)", line)
     assert backends is not None, line
-    assert 1 <= int(backends.group(1)) <= POOL, line
-    assert proxy.server_count() <= POOL
+    limit = proxy.settings.default_pool_size
+    assert 1 <= int(backends.group(1)) <= limit, line
+    assert proxy.server_count() <= limit
 
 
 def test_node_postgres_named_queries_with_one_name_for_different_sql_per_client(
-    make_proxy: Callable[..., ProxyThread], app_credentials: Credentials
+    pool2: ProxyThread, app_credentials: Credentials
 ) -> None:
     node = shutil.which("node")
     if node is None:
         pytest.skip("node is not installed (make test installs node-postgres when it is)")
     if not (NODE_DIR / "node_modules" / "pg").is_dir():
         pytest.fail(f"node is installed but node-postgres is not: run `npm ci` in {NODE_DIR}")
-    proxy = make_proxy(pool_mode="transaction", default_pool_size=str(POOL))
+    proxy = pool2
     line = run_driver([node, "named_queries.js"], proxy, app_credentials, cwd=NODE_DIR)
     assert "6 clients" in line, line
     assert_kept_to_pool(proxy, line)
@@ -73,7 +73,7 @@ def jdbc_jar() -> str | None:
 
 
 def test_pgjdbc_prepare_threshold_names_collide_across_connections_with_different_sql(
-    make_proxy: Callable[..., ProxyThread], app_credentials: Credentials, tmp_path: Path
+    pool2: ProxyThread, app_credentials: Credentials, tmp_path: Path
 ) -> None:
     java, javac, jar = shutil.which("java"), shutil.which("javac"), jdbc_jar()
     if java is None or javac is None:
@@ -87,7 +87,7 @@ def test_pgjdbc_prepare_threshold_names_collide_across_connections_with_differen
         capture_output=True, text=True, timeout=110,
     )  # fmt: skip
     assert compiled.returncode == 0, compiled.stderr
-    proxy = make_proxy(pool_mode="transaction", default_pool_size=str(POOL))
+    proxy = pool2
     classpath = f"{tmp_path}{os.pathsep}{jar}"
     line = run_driver([java, "-cp", classpath, "PreparedThreshold"], proxy, app_credentials)
     assert "6 threads" in line and "prepareThreshold 5" in line, line

@@ -73,9 +73,10 @@ def backend_pid(cur: Any) -> int:
 
 
 def assert_shared(proxy: ProxyThread, pids: set[int]) -> None:
-    """The clients ran on at most POOL server connections: they really were shared."""
-    assert 1 <= len(pids) <= POOL, pids
-    assert proxy.server_count() <= POOL
+    """The clients ran on at most the pool's server connections: they really were shared."""
+    limit = proxy.settings.default_pool_size
+    assert 1 <= len(pids) <= limit, pids
+    assert proxy.server_count() <= limit
 
 
 def test_parameter_queries_of_every_common_type_come_back_unchanged(
