@@ -239,18 +239,17 @@ class ClientConnection(asyncio.Protocol):
         if server is not None:
             sst = server.state
             assert sst is not None
-            quiet = was_at_boundary and sst.expect_nothing() and sst.scanner.at_boundary
-            if quiet and st.rewriter is None and st.uses_named and self._may_map(sst):
-                self._start_mapping(sst)
             prefix = b""
-            if (
-                sst.needs_prelude
-                and out
-                and quiet
-                and sst.transaction_status == TransactionStatus.IDLE
+            start_mapping = st.rewriter is None and st.uses_named
+            if (start_mapping or sst.needs_prelude) and (
+                # Only at a quiet moment: nothing owed, no half message either way.
+                was_at_boundary and sst.expect_nothing() and sst.scanner.at_boundary
             ):
-                # A RESET left the server with its defaults; the client expects its own.
-                prefix = self._prepare(sst, msgs)
+                if start_mapping and self._may_map(sst):
+                    self._start_mapping(sst)
+                if sst.needs_prelude and out and sst.transaction_status == TransactionStatus.IDLE:
+                    # A RESET left the server with its defaults; the client expects its own.
+                    prefix = self._prepare(sst, msgs)
             self._forward(server, sst, prefix, out, msgs)
         elif not st.pending and self._answer_without_server(out, msgs):
             pass
