@@ -13,11 +13,17 @@ error the server skips every message until Sync, so do the plans.
 """
 
 import hashlib
+import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import IntEnum
 
 from pgproxy.wire.codes import BackendCode, FrontendCode
+from pgproxy.wire.scanner import Frame
+
+_unpack_length = struct.Struct("!i").unpack_from
+_ERROR = BackendCode.ERROR_RESPONSE
+_SYNC = FrontendCode.SYNC
 
 # Same as PgBouncer's max_prepared_statements default... of the issue: 200 per server.
 DEFAULT_MAX_PREPARED_STATEMENTS = 200
@@ -141,15 +147,23 @@ class Action(IntEnum):
     FAKE = 2  # the proxy answers the client itself; nothing was sent to the server
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Expected:
-    """What the server owes for one message sent to it (or what the proxy owes, for FAKE)."""
+    """What the server owes for one message sent to it (or what the proxy owes, for FAKE).
+
+    Immutable: the plain entries (`plain_entry`) are shared, not allocated per message.
+    """
 
     code: int  # the frontend message code
     action: Action
     fake: bytes = b""  # for FAKE: the bytes the client gets
     statement: bytes = b""  # for Parse and Close: the server-side statement name
     client_name: bytes = b""  # for a client's Parse: the name the client gave
+    # Forwarded, with nothing to account for: the answer goes to the client, nothing else.
+    plain: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "plain", self.action is Action.FORWARD and not self.statement)
 
 
 # Backend messages that end the answer to each kind of frontend message (an ErrorResponse
@@ -179,6 +193,20 @@ _EXTENDED = frozenset(
         FrontendCode.CLOSE,
     }
 )
+
+_SHARED = {
+    (code, action): Expected(code, action)
+    for code in _ENDS
+    for action in (Action.FORWARD, Action.SWALLOW)
+}
+
+
+def plain_entry(code: int, action: Action = Action.FORWARD) -> Expected:
+    """The shared entry for a message whose answer carries no statement bookkeeping."""
+    return _SHARED[code, action]
+
+
+_NOTHING: frozenset[int] = frozenset()
 
 # Backend messages whose arrival the tracker must see (everything else rides along).
 TRACKED_BACKEND = frozenset(
@@ -210,74 +238,128 @@ class TrackerEvents:
     # The proxy's Close of an evicted statement, skipped: the statement is still there.
     not_closed: list[bytes] = field(default_factory=list)
 
+    def clear(self) -> None:
+        self.prepared.clear()
+        self.failed.clear()
+        self.unanswered.clear()
+        self.not_closed.clear()
+
 
 class ResponseTracker:
     """Matches the server's answers to what was sent, and decides what the client sees."""
 
-    __slots__ = ("_queue",)
+    __slots__ = ("_queue", "_special")
 
     def __init__(self) -> None:
         self._queue: deque[Expected] = deque()
+        self._special = 0  # entries in the queue that are not plain
 
     def __len__(self) -> int:
         return len(self._queue)
 
     def expect(self, entry: Expected) -> None:
         self._queue.append(entry)
+        if not entry.plain:
+            self._special += 1
 
-    @property
-    def is_plain(self) -> bool:
-        """Nothing is swallowed or faked among what is pending: chunks may pass whole."""
-        return all(e.action is Action.FORWARD for e in self._queue)
+    def expect_held(self, held: list[Expected]) -> None:
+        """The plain entries held back so far, in order (`held` is emptied)."""
+        self._queue.extend(held)
+        held.clear()
+
+    def expect_after(self, held: list[Expected], entry: Expected) -> None:
+        """`entry`, after the plain entries held back so far (`held` is emptied)."""
+        if held:
+            self.expect_held(held)
+        self.expect(entry)
+
+    def _pop(self) -> Expected:
+        entry = self._queue.popleft()
+        if not entry.plain:
+            self._special -= 1
+        return entry
 
     def take_fakes(self) -> bytes:
         """Answers the proxy owes the client before anything more comes from the server."""
-        out = bytearray()
         queue = self._queue
+        if not queue or queue[0].action is not Action.FAKE:
+            return b""
+        out = bytearray()
         while queue and queue[0].action is Action.FAKE:
-            out += queue.popleft().fake
+            out += self._pop().fake
         return bytes(out)
 
-    def feed(
-        self, data: bytes, frames: list[tuple[int, bytes, int]], events: TrackerEvents
-    ) -> bytes:
+    def feed(self, data: bytes, frames: list[Frame], events: TrackerEvents) -> bytes:
         """What of `data` (with its tracked `frames`) the client gets, fakes included.
 
         Bytes between tracked messages (DataRows, notices...) go with the answer in progress.
+        When everything is the client's, `data` itself is returned (no copy).
         """
-        out = bytearray(self.take_fakes())
         queue = self._queue
+        if not self._special:
+            # Only plain entries: every byte is the client's; just keep count of the answers.
+            for code, _body, _end in frames:
+                if not queue:
+                    break
+                first = queue[0].code
+                if code == _ERROR:
+                    if first in _EXTENDED:
+                        while queue and queue[0].code != _SYNC:
+                            queue.popleft()
+                elif code in _ENDS.get(first, _NOTHING):
+                    queue.popleft()
+            return data
+        parts: list[bytes] = []
+        fakes = self.take_fakes()
+        if fakes:
+            parts.append(fakes)
+        run = -1  # start of the current run of bytes the client gets, -1 when none
         pos = 0
         for code, _body, end in frames:
             head = queue[0] if queue else None
-            if head is None or head.action is Action.FORWARD or code == BackendCode.ERROR_RESPONSE:
+            if head is None or head.action is Action.FORWARD or code == _ERROR:
                 # An error to a message of the proxy's still reaches the client: the client's
                 # own next messages are skipped by the server, the client must know why.
-                out += data[pos:end]
+                if run < 0:
+                    run = pos
+            elif run >= 0:
+                parts.append(data[run:pos])
+                run = -1
             pos = end
             if head is None:
                 continue
-            if code == BackendCode.ERROR_RESPONSE and head.code in _EXTENDED:
+            if code == _ERROR and head.code in _EXTENDED:
                 if head.code == FrontendCode.CLOSE and head.action is Action.SWALLOW:
                     events.not_closed.append(head.statement)
-                    queue.popleft()  # the proxy's own Close failed; nothing of the client's
+                    self._pop()  # the proxy's own Close failed; nothing of the client's
                 self._fail(events)
-            elif code in _ENDS.get(head.code, ()):
-                queue.popleft()
+            elif code in _ENDS.get(head.code, _NOTHING):
+                self._pop()
                 if head.code == FrontendCode.PARSE:
                     events.prepared.append(head.statement)
-            out += self.take_fakes()
-        if pos < len(data):
+            if queue and queue[0].action is Action.FAKE:
+                if run >= 0:
+                    parts.append(data[run:pos])
+                    run = -1
+                parts.append(self.take_fakes())
+        n = len(data)
+        if pos < n:
             head = queue[0] if queue else None
             if head is None or head.action is Action.FORWARD:
-                out += data[pos:]
-        return bytes(out)
+                if run < 0:
+                    run = pos
+                pos = n
+        if run >= 0:
+            if run == 0 and pos == n and not parts:
+                return data
+            parts.append(data[run:pos])
+        return b"".join(parts)
 
     def _fail(self, events: TrackerEvents) -> None:
         """An extended message failed: the server skips everything up to the next Sync."""
         queue = self._queue
         while queue and queue[0].code != FrontendCode.SYNC:
-            skipped = queue.popleft()
+            skipped = self._pop()
             if skipped.code == FrontendCode.PARSE:
                 if skipped.action is Action.FAKE:
                     events.unanswered.append(skipped.client_name)
@@ -287,123 +369,221 @@ class ResponseTracker:
                 events.not_closed.append(skipped.statement)
 
 
-def _message(code: int, body: bytes) -> bytes:
-    return bytes((code,)) + (len(body) + 4).to_bytes(4, "big") + body
+_HEADER = struct.Struct("!Bi")  # a message's type byte and length
+
+
+# How the rewriter handles each frontend message: pass it on without looking at it (CopyData),
+# pass it on and report it without its body (ServerState reads no more of it), report it with
+# its body (Query), or look at the statement name it carries (Parse, Bind, Describe, Close).
+_SKIP, _NOTE, _QUERY, _MAP = 0, 1, 2, 3
+_KIND = bytearray(256)
+for _code in (
+    FrontendCode.EXECUTE,
+    FrontendCode.SYNC,
+    FrontendCode.FLUSH,
+    FrontendCode.FUNCTION_CALL,
+    FrontendCode.TERMINATE,
+    FrontendCode.COPY_DONE,
+    FrontendCode.COPY_FAIL,
+):
+    _KIND[_code] = _NOTE
+_KIND[FrontendCode.QUERY] = _QUERY
+for _code in (FrontendCode.PARSE, FrontendCode.BIND, FrontendCode.DESCRIBE, FrontendCode.CLOSE):
+    _KIND[_code] = _MAP
+_BARE: dict[int, Frame] = {code: (code, b"", 0) for code in range(256)}
+_BIND = FrontendCode.BIND
+_BIND_ENTRY = plain_entry(_BIND)
+_EXECUTE = FrontendCode.EXECUTE
+_SYNC_ENTRY = plain_entry(_SYNC)
+_EXECUTE_ENTRY = plain_entry(_EXECUTE)
 
 
 class Rewriter:
-    """A client's messages to the server of a transaction-mode link, names mapped.
+    """A client's messages to the server of one transaction-mode link, names mapped.
 
     Works on whole messages (a partial one waits for the rest), because a rewritten message
-    has another length. Started only where the stream is at a message boundary.
+    has another length. Started only where the stream is at a message boundary. Messages it
+    leaves alone are passed on as they are: a chunk with nothing to map is not copied.
     """
 
-    __slots__ = ("_carry",)
+    __slots__ = ("_carry", "_client", "_counts", "_names", "_server", "_tracker")
 
-    def __init__(self) -> None:
-        self._carry = bytearray()
+    def __init__(
+        self,
+        client: ClientStatements,
+        server: ServerStatements,
+        tracker: ResponseTracker,
+        counts: StatementCounts,
+    ) -> None:
+        self._carry = b""
+        self._client = client
+        self._names = client.by_name
+        self._server = server
+        self._tracker = tracker
+        self._counts = counts
 
     @property
     def at_boundary(self) -> bool:
         return not self._carry
 
-    def feed(
-        self,
-        data: bytes,
-        *,
-        client: ClientStatements,
-        server: ServerStatements,
-        tracker: ResponseTracker,
-        counts: StatementCounts,
-    ) -> tuple[bytes, list[tuple[int, bytes, int]]]:
-        """Bytes for the server, and the messages they hold (code, body, 0) for `ServerState`.
+    def feed(self, data: bytes) -> tuple[bytes, list[Frame]]:
+        """Bytes for the server, and the messages they hold for `ServerState.note_frontend`.
 
-        Registers in `tracker` what the server will owe for each, and the answers the proxy
+        Registers in the tracker what the server will owe for each, and the answers the proxy
         gives itself (ParseComplete when the server already has the statement, CloseComplete).
+        The reported frames carry a body only as far as `note_frontend` reads it: all of a
+        Query or Parse, the names of a Bind, nothing of the others.
         """
         if self._carry:
-            self._carry += data
-            buf: bytes | bytearray = self._carry
+            buf = self._carry + data
+            self._carry = b""
         else:
             buf = data
-        out = bytearray()
-        sent: list[tuple[int, bytes, int]] = []
+        tracker = self._tracker
+        parts: list[bytes] = []
+        sent: list[Frame] = []
+        # Plain entries (forwarded, nothing to account for) are held back: if a Sync follows
+        # with nothing else in between, that Sync's entry alone stands for them all (its
+        # ReadyForQuery ends their answers, errors included), which keeps the tracker's work
+        # per answer small. Anything else is queued after them.
+        held: list[Expected] = []
         n = len(buf)
         pos = 0
+        run = 0  # start of the bytes not yet in `parts` (when something was replaced)
         while n - pos >= 5:
             code = buf[pos]
-            end = pos + 1 + int.from_bytes(buf[pos + 1 : pos + 5], "big")
+            end = pos + 1 + _unpack_length(buf, pos + 1)[0]
             if end > n:
                 break
-            body = bytes(buf[pos + 5 : end])
-            raw = buf[pos:end]
+            kind = _KIND[code]
+            if kind == _NOTE:
+                sent.append(_BARE[code])
+                if code == _SYNC:
+                    held.clear()
+                    tracker.expect(_SYNC_ENTRY)
+                elif code == _EXECUTE:
+                    held.append(_EXECUTE_ENTRY)
+                elif code == FrontendCode.FUNCTION_CALL:
+                    tracker.expect_after(held, _SHARED[code, Action.FORWARD])
+            elif kind == _QUERY:
+                sent.append((code, buf[pos + 5 : end], 0))
+                tracker.expect_after(held, _SHARED[code, Action.FORWARD])
+            elif kind == _MAP:
+                if code == _BIND:
+                    replacement = self._bind(buf, pos, end, sent, held)
+                else:
+                    replacement = self._map(code, buf, pos, end, sent, held)
+                if replacement is not None:
+                    if pos > run:
+                        parts.append(buf[run:pos])
+                    if replacement:
+                        parts.append(replacement)
+                    run = end
             pos = end
-            if code == FrontendCode.PARSE:
-                name, definition = split_parse(body)
-                if not name:
-                    out += raw
-                    tracker.expect(Expected(code, Action.FORWARD))
-                    sent.append((code, body, 0))
-                    continue
-                server_name = client.define(name, definition)
-                if server.use(server_name):
-                    counts.hits += 1
-                    tracker.expect(
-                        Expected(
-                            code,
-                            Action.FAKE,
-                            fake=PARSE_COMPLETE,
-                            statement=server_name,
-                            client_name=name,
-                        )
-                    )
-                    continue
-                server.add(server_name)
-                counts.prepares += 1
-                new_body = server_name + b"\x00" + definition
-                out += _message(code, new_body)
-                tracker.expect(
-                    Expected(code, Action.FORWARD, statement=server_name, client_name=name)
-                )
-                sent.append((code, new_body, 0))
-            elif code == FrontendCode.BIND or (
-                code == FrontendCode.DESCRIBE and body[:1] == b"S" and body[1:2] != b"\x00"
-            ):
-                start = body.index(b"\x00") + 1 if code == FrontendCode.BIND else 1
-                stop = body.index(b"\x00", start)
-                entry = client.lookup(body[start:stop]) if stop > start else None
-                if entry is None:
-                    out += raw  # unnamed, or unknown: the server says so in its own words
-                    tracker.expect(Expected(code, Action.FORWARD))
-                    sent.append((code, body, 0))
-                    continue
-                definition, server_name = entry
-                if not server.use(server_name):
-                    # Prepared on another server: prepare it here first, quietly.
-                    server.add(server_name)
-                    counts.reprepares += 1
-                    parse_body = server_name + b"\x00" + definition
-                    out += _message(FrontendCode.PARSE, parse_body)
-                    tracker.expect(
-                        Expected(FrontendCode.PARSE, Action.SWALLOW, statement=server_name)
-                    )
-                    sent.append((FrontendCode.PARSE, parse_body, 0))
-                new_body = body[:start] + server_name + body[stop:]
-                out += _message(code, new_body)
-                tracker.expect(Expected(code, Action.FORWARD))
-                sent.append((code, new_body, 0))
-            elif code == FrontendCode.CLOSE and body[:1] == b"S" and body[1:2] != b"\x00":
-                # Other clients may use the statement: only this client's name goes.
-                client.forget(body[1 : body.index(b"\x00", 1)])
-                tracker.expect(Expected(code, Action.FAKE, fake=CLOSE_COMPLETE))
-            else:
-                out += raw
-                if code in _ENDS:
-                    tracker.expect(Expected(code, Action.FORWARD))
-                if code != FrontendCode.COPY_DATA:
-                    sent.append((code, body, 0))
+        if held:
+            tracker.expect_held(held)
         if pos < n:
-            self._carry = bytearray(buf[pos:])
-        elif self._carry:
-            self._carry = bytearray()
-        return bytes(out), sent
+            self._carry = buf[pos:]
+        if run == 0:  # nothing replaced (a replacement moves `run` past its message)
+            return (buf if pos == n else buf[:pos]), sent
+        if pos > run:
+            parts.append(buf[run:pos])
+        return b"".join(parts), sent
+
+    def _bind(
+        self, buf: bytes, pos: int, end: int, sent: list[Frame], held: list[Expected]
+    ) -> bytes | None:
+        """A Bind: its statement name mapped (prepared here first if need be). The hot one."""
+        start = pos + 5
+        name_start = buf.find(0, start, end) + 1
+        name_end = buf.find(0, name_start, end) if name_start else -1
+        found = self._names.get(buf[name_start:name_end]) if name_end > name_start else None
+        if found is None:
+            # Unnamed, unknown, or malformed: the server says so in its own words.
+            held.append(_BIND_ENTRY)
+            sent.append((_BIND, buf[start : name_end + 1], 0))
+            return None
+        definition, server_name = found
+        names = self._server.names
+        if server_name in names:
+            names.move_to_end(server_name)
+            prepare = b""
+        else:
+            prepare = self._prepare(definition, server_name, sent, held)
+        head = buf[start:name_start] + server_name
+        held.append(_BIND_ENTRY)
+        sent.append((_BIND, head + b"\x00", 0))
+        length = len(head) + end - name_end + 4
+        return prepare + _HEADER.pack(_BIND, length) + head + buf[name_end:end]
+
+    def _prepare(
+        self, definition: bytes, server_name: bytes, sent: list[Frame], held: list[Expected]
+    ) -> bytes:
+        """Prepared on another server: prepare it here first, quietly."""
+        self._server.add(server_name)
+        self._counts.reprepares += 1
+        body = server_name + b"\x00" + definition
+        self._tracker.expect_after(
+            held, Expected(FrontendCode.PARSE, Action.SWALLOW, statement=server_name)
+        )
+        sent.append((FrontendCode.PARSE, body, 0))
+        return _HEADER.pack(FrontendCode.PARSE, len(body) + 4) + body
+
+    def _map(
+        self, code: int, buf: bytes, pos: int, end: int, sent: list[Frame], held: list[Expected]
+    ) -> bytes | None:
+        """A Parse, Describe or Close; its replacement (b"": dropped; None: goes as it is)."""
+        start = pos + 5
+        tracker = self._tracker
+        if code == FrontendCode.PARSE:
+            body = buf[start:end]
+            if body[:1] == b"\x00" or b"\x00" not in body:
+                # The unnamed statement, or a malformed Parse the server will refuse.
+                held.append(_SHARED[code, Action.FORWARD])
+                sent.append((code, body, 0))
+                return None
+            name, definition = split_parse(body)
+            server_name = self._client.define(name, definition)
+            if self._server.use(server_name):
+                self._counts.hits += 1
+                fake = Expected(
+                    code, Action.FAKE, fake=PARSE_COMPLETE, statement=server_name, client_name=name
+                )
+                tracker.expect_after(held, fake)
+                return b""
+            self._server.add(server_name)
+            self._counts.prepares += 1
+            new_body = server_name + b"\x00" + definition
+            tracker.expect_after(
+                held, Expected(code, Action.FORWARD, statement=server_name, client_name=name)
+            )
+            sent.append((code, new_body, 0))
+            return _HEADER.pack(code, len(new_body) + 4) + new_body
+        if code == FrontendCode.CLOSE:
+            name_end = buf.find(0, start + 1, end)
+            if buf[start:end][:1] != b"S" or name_end <= start + 1:
+                # A portal, the unnamed statement, or malformed: the server's business.
+                held.append(_SHARED[code, Action.FORWARD])
+                sent.append(_BARE[code])
+                return None
+            # Other clients may use the statement: only this client's name goes.
+            self._client.forget(buf[start + 1 : name_end])
+            tracker.expect_after(held, Expected(code, Action.FAKE, fake=CLOSE_COMPLETE))
+            return b""
+        # Describe: of a statement, or of a portal.
+        name_end = buf.find(0, start + 1, end) if buf[start:end][:1] == b"S" else -1
+        found = self._names.get(buf[start + 1 : name_end]) if name_end > start + 1 else None
+        if found is None:
+            # A portal, the unnamed statement, unknown or malformed: the server's business.
+            held.append(_SHARED[code, Action.FORWARD])
+            sent.append(_BARE[code])
+            return None
+        definition, server_name = found
+        if self._server.use(server_name):
+            prepare = b""
+        else:
+            prepare = self._prepare(definition, server_name, sent, held)
+        held.append(_SHARED[code, Action.FORWARD])
+        sent.append(_BARE[code])
+        length = len(server_name) + 6
+        return prepare + _HEADER.pack(code, length) + b"S" + server_name + b"\x00"

@@ -26,12 +26,14 @@ from pgproxy.core.prepared import (
     Expected,
     ResponseTracker,
     ServerStatements,
+    TrackerEvents,
     close_statement_message,
+    plain_entry,
 )
 from pgproxy.core.session_state import SessionEffect, inspect
 from pgproxy.wire import messages
 from pgproxy.wire.codes import BackendCode, FrontendCode, TransactionStatus
-from pgproxy.wire.scanner import MessageScanner
+from pgproxy.wire.scanner import Frame, MessageScanner
 
 _Q = FrontendCode.QUERY
 _S = FrontendCode.SYNC
@@ -170,16 +172,21 @@ class ServerState:
     unnamed_parse: bytes | None = None
     # Named statements prepared on this server under the proxy's names (kept across clients).
     statements: ServerStatements = field(default_factory=ServerStatements)
-    # While the link maps statement names: what the server owes, message by message, and a
-    # scanner that sees every message that ends an answer.
+    # While the link maps statement names: what the server owes, message by message (the
+    # scanner then also reports every message that ends an answer).
     tracker: ResponseTracker | None = None
-    tracker_scanner: MessageScanner | None = None
+    # What the tracker reports from one chunk; emptied by the shell after each.
+    tracker_events: TrackerEvents = field(default_factory=TrackerEvents)
+    # The tracker of the previous link, kept for the next: one link per transaction.
+    spare_tracker: ResponseTracker | None = None
     # A COPY started by the extended protocol under a tracker: its skipped Syncs cannot be
     # told apart, so the tracker would wait forever; such a link is failed.
     extended_copy: bool = False
     # The client this connection serves now, if any.
     client: "ClientView | None" = None
-    scanner: MessageScanner = field(default_factory=lambda: MessageScanner(BACKEND_WATCHED))
+    scanner: MessageScanner = field(
+        default_factory=lambda: MessageScanner(BACKEND_WATCHED, marked=TRACKED_BACKEND)
+    )
 
     # -- link boundary -----------------------------------------------------------------------
 
@@ -335,18 +342,25 @@ class ServerState:
             self.new_pin = reason  # the shell logs it and counts it, then clears it
         self.pinned = reason
 
-    def start_tracking(self) -> None:
+    def start_tracking(self) -> ResponseTracker:
         """Track answers message by message (only where nothing is outstanding)."""
         assert not self.queue and self.scanner.at_boundary
-        self.tracker = ResponseTracker()
-        self.tracker_scanner = MessageScanner(TRACKED_BACKEND)
+        tracker = self.tracker = self.spare_tracker or ResponseTracker()
+        self.spare_tracker = None
+        self.scanner.marking = True
+        return tracker
 
     def stop_tracking(self) -> bool:
         """End tracking at the end of a link; False if something was still owed (not clean)."""
         tracker = self.tracker
+        if tracker is None:
+            return True
         self.tracker = None
-        self.tracker_scanner = None
-        return tracker is None or len(tracker) == 0
+        self.scanner.marking = False
+        if len(tracker):
+            return False
+        self.spare_tracker = tracker
+        return True
 
     def _apply(self, effect: SessionEffect, depth: int, *, quiet: bool = False) -> None:
         """Account for what a statement does; `depth`: ReadyForQuery messages until it is done.
@@ -407,7 +421,7 @@ class ServerState:
         """
         self.unnamed_parse = None
         if self.tracker is not None:
-            self.tracker.expect(Expected(_Q, Action.SWALLOW))
+            self.tracker.expect(plain_entry(_Q, Action.SWALLOW))
         return self.send_proxy_messages(messages.query(sql))
 
     def send_proxy_messages(self, raw: bytes) -> bytes:
@@ -422,8 +436,8 @@ class ServerState:
         """Parse + Sync recreating a client's unnamed statement here; the answers are swallowed."""
         self.unnamed_parse = body
         if self.tracker is not None:
-            self.tracker.expect(Expected(_P, Action.SWALLOW))
-            self.tracker.expect(Expected(_S, Action.SWALLOW))
+            self.tracker.expect(plain_entry(_P, Action.SWALLOW))
+            self.tracker.expect(plain_entry(_S, Action.SWALLOW))
         return self.send_proxy_messages(
             b"P" + (len(body) + 4).to_bytes(4, "big") + body + messages.sync()
         )
@@ -434,20 +448,23 @@ class ServerState:
         if self.tracker is not None:
             for name in names:
                 self.tracker.expect(Expected(FrontendCode.CLOSE, Action.SWALLOW, statement=name))
-            self.tracker.expect(Expected(_S, Action.SWALLOW))
+            self.tracker.expect(plain_entry(_S, Action.SWALLOW))
         return self.send_proxy_messages(raw)
 
     # -- server → frontend -------------------------------------------------------------------
 
-    def feed(self, data: bytes) -> int:
+    def feed(self, data: bytes, frames: list[Frame] | None = None) -> int:
         """Account for bytes from the server; return the offset where the client's bytes start.
 
-        When `swallowing` is false on entry the caller has already forwarded the whole chunk
-        (the fast path) and the result is 0. Otherwise bytes up to the ReadyForQuery that ends
-        the proxy's own query are withheld.
+        `frames`: what `scanner` made of `data` already, if the caller scanned it (to give the
+        tracker). When `swallowing` is false on entry the caller has already forwarded the
+        whole chunk (the fast path) and the result is 0. Otherwise bytes up to the
+        ReadyForQuery that ends the proxy's own query are withheld.
         """
         start = len(data) if self.swallowing else 0
-        for code, body, end in self.scanner.feed(data):
+        if frames is None:
+            frames = self.scanner.feed(data)
+        for code, body, end in frames:
             if code == BackendCode.READY_FOR_QUERY:
                 self.transaction_status = body[0] if body else TransactionStatus.IDLE
                 if not self.queue:
@@ -500,8 +517,9 @@ class ServerState:
                 self.pending_sets = [e for e in self.pending_sets if e[0] > 1]
             elif code == BackendCode.COPY_IN_RESPONSE:
                 self._enter_copy_in()
-            else:  # CopyBothResponse: replication only, never expected here
+            elif code == BackendCode.COPY_BOTH_RESPONSE:  # replication only, never expected
                 self.unpredictable = True
+            # Anything else was marked for the tracker only.
         return start
 
     def _enter_copy_in(self) -> None:

@@ -346,8 +346,9 @@ class ClientConnection(asyncio.Protocol):
     def _start_mapping(self, sst: ServerState) -> None:
         st = self.state
         assert st is not None
-        st.rewriter = Rewriter()
-        sst.start_tracking()
+        assert self.pool is not None
+        tracker = sst.start_tracking()
+        st.rewriter = Rewriter(st.statements, sst.statements, tracker, self.pool.statement_counts)
 
     def _forward(
         self,
@@ -364,13 +365,7 @@ class ClientConnection(asyncio.Protocol):
         tracker = sst.tracker
         if rewriter is not None and tracker is not None:
             assert self.pool is not None
-            data, msgs = rewriter.feed(
-                data,
-                client=st.statements,
-                server=sst.statements,
-                tracker=tracker,
-                counts=self.pool.statement_counts,
-            )
+            data, msgs = rewriter.feed(data)
         if msgs:
             # Accounted before the bytes go: a pin past the limit must not run at all.
             sst.note_frontend(msgs)

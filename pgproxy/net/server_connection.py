@@ -11,7 +11,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING, cast
 
-from pgproxy.core.prepared import ServerStatements, TrackerEvents
+from pgproxy.core.prepared import ServerStatements
 from pgproxy.core.server import DisconnectReason, ServerState
 from pgproxy.core.server_login import ServerLogin
 from pgproxy.errors import BackendUnavailableError, FeatureNotSupportedError, PgProxyError
@@ -96,10 +96,10 @@ class ServerConnection(asyncio.Protocol):
             if client is not None:
                 tracker = st.tracker
                 if tracker is not None:
-                    assert st.tracker_scanner is not None
-                    events = TrackerEvents()
-                    out = tracker.feed(data, st.tracker_scanner.feed(data), events)
-                    st.feed(data)
+                    events = st.tracker_events
+                    frames = st.scanner.feed(data)
+                    out = tracker.feed(data, frames, events)
+                    st.feed(data, frames)
                     if st.outbox:
                         client.write(b"".join(st.outbox))
                         st.outbox.clear()
@@ -107,8 +107,10 @@ class ServerConnection(asyncio.Protocol):
                         client.write(out)
                     if events.prepared:
                         self.pool.note_prepared(events.prepared)
+                        events.prepared.clear()
                     if events.failed or events.unanswered or events.not_closed:
                         client.statement_events(st, events)
+                        events.clear()
                     if st.extended_copy:
                         raise FeatureNotSupportedError(
                             "COPY through the extended protocol, with named prepared "

@@ -21,7 +21,7 @@ Frame = tuple[int, bytes, int]
 _HEADER = 5  # the type byte and the int32 length
 _unpack_length = struct.Struct("!i").unpack_from
 
-_INVALID, _SKIP, _WATCH = 0, 1, 2
+_INVALID, _SKIP, _WATCH, _MARK = 0, 1, 2, 3
 
 # Returned when nothing watched completed, to avoid allocating a list per chunk. Read-only.
 _NO_FRAMES: list[Frame] = []
@@ -31,11 +31,23 @@ class MessageScanner:
     """Feed it chunks as received; get ``(code, body, end)`` for watched messages completed.
 
     ``end`` is the offset in the chunk just past the message, so the caller can split the
-    chunk there (for example at a ReadyForQuery). After a `ProtocolError` the stream is lost:
-    call `reset` or drop the scanner.
+    chunk there (for example at a ReadyForQuery). While `marking`, the ``marked`` messages are
+    surfaced too, with an empty body (only their place matters). After a `ProtocolError` the
+    stream is lost: call `reset` or drop the scanner.
     """
 
-    __slots__ = ("_body", "_code", "_header", "_keep", "_max_length", "_skip", "_want", "_watched")
+    __slots__ = (
+        "_body",
+        "_code",
+        "_header",
+        "_keep",
+        "_marked",
+        "_max_length",
+        "_plain",
+        "_skip",
+        "_want",
+        "_watched",
+    )
 
     def __init__(
         self,
@@ -44,14 +56,20 @@ class MessageScanner:
         keep: int = 1 << 20,
         max_length: int = 1 << 30,
         valid: Iterable[int] | None = None,
+        marked: Iterable[int] = (),
     ) -> None:
-        # Per type byte: _INVALID, _SKIP or _WATCH. Indexing beats hashing on the hot path.
+        # Per type byte: _INVALID, _SKIP, _WATCH or _MARK. Indexing beats hashing on the hot
+        # path; switching `marking` swaps the table.
         table = bytearray([_SKIP if valid is None else _INVALID]) * 256
         for code in valid or ():
             table[code] = _SKIP
         for code in watched:
             table[code] = _WATCH
-        self._watched = bytes(table)
+        self._plain = self._watched = bytes(table)
+        for code in marked:
+            if table[code] != _WATCH:
+                table[code] = _MARK
+        self._marked = bytes(table)
         self._keep = keep
         self._max_length = max_length
         self._header = bytearray()  # a header split across chunks (fewer than 5 bytes)
@@ -59,6 +77,14 @@ class MessageScanner:
         self._body = bytearray()  # what was collected of that message's body so far
         self._want = 0  # body bytes still to collect into _body (bounded by keep)
         self._skip = 0  # bytes still to skip: an unwatched body, or a watched one past keep
+
+    @property
+    def marking(self) -> bool:
+        return self._watched is self._marked
+
+    @marking.setter
+    def marking(self, on: bool) -> None:
+        self._watched = self._marked if on else self._plain
 
     @property
     def at_boundary(self) -> bool:
@@ -103,6 +129,11 @@ class MessageScanner:
                 self._body = bytearray()
                 self._want = size if size <= self._keep else self._keep
                 self._skip = size - self._want
+            elif kind == _MARK:
+                self._code = code
+                self._body = bytearray()
+                self._want = 0
+                self._skip = size
             else:
                 self._skip = size
 
@@ -144,18 +175,21 @@ class MessageScanner:
             start = pos + _HEADER
             end = pos + 1 + length
             kind = watched[code]
-            if kind != _WATCH:
-                if kind == _INVALID:
-                    self._invalid_type(code)
+            if kind == _SKIP:
                 if end > n:
                     self._skip = end - n
                     break
                 pos = end
                 continue
+            if kind == _INVALID:
+                self._invalid_type(code)
             size = length - 4
             if end <= n:
-                stop = end if size <= keep else start + keep
-                frame = (code, bytes(data[start:stop]), end)
+                if kind == _MARK:
+                    frame = (code, b"", end)
+                else:
+                    stop = end if size <= keep else start + keep
+                    frame = (code, bytes(data[start:stop]), end)
                 if out is _NO_FRAMES:
                     out = [frame]
                 else:
@@ -163,7 +197,7 @@ class MessageScanner:
                 pos = end
                 continue
             # A watched message split across chunks: keep at most `keep` bytes of it.
-            take = size if size <= keep else keep
+            take = 0 if kind == _MARK else size if size <= keep else keep
             self._code = code
             self._body = bytearray(data[start : min(start + take, n)])
             self._want = take - len(self._body)

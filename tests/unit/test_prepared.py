@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
+from hypothesis import given
+from hypothesis import strategies as st
+
 from pgproxy.core.prepared import (
     CLOSE_COMPLETE,
     PARSE_COMPLETE,
@@ -92,10 +97,9 @@ def test_plain_forwarding_passes_everything() -> None:
     t = ResponseTracker()
     expect(t, (F.PARSE, Action.FORWARD), (F.BIND, Action.FORWARD), (F.EXECUTE, Action.FORWARD),
            (F.SYNC, Action.FORWARD))  # fmt: skip
-    assert t.is_plain
     data = PARSE_COMPLETE + BIND_COMPLETE + ROW + COMPLETE + READY
     out, events = run(t, data)
-    assert out == data
+    assert out is data  # nothing withheld or added: passed on without a copy
     assert events.prepared == [b"s1"]
     assert len(t) == 0
 
@@ -104,7 +108,6 @@ def test_swallowed_parse_before_a_clients_bind_is_withheld() -> None:
     t = ResponseTracker()
     expect(t, (F.PARSE, Action.SWALLOW), (F.BIND, Action.FORWARD), (F.EXECUTE, Action.FORWARD),
            (F.SYNC, Action.FORWARD))  # fmt: skip
-    assert not t.is_plain
     data = PARSE_COMPLETE + BIND_COMPLETE + ROW + COMPLETE + READY
     out, events = run(t, data)
     assert out == BIND_COMPLETE + ROW + COMPLETE + READY
@@ -193,18 +196,16 @@ def test_a_skipped_eviction_close_is_reported_so_the_statement_stays_known() -> 
 def test_rewriter_maps_names_prepares_on_demand_and_answers_known_parses() -> None:
     client, server, tracker = ClientStatements(), ServerStatements(), ResponseTracker()
     counts = StatementCounts()
-    rewriter = Rewriter()
+    rewriter = Rewriter(client, server, tracker, counts)
     definition = b"SELECT $1\x00\x00\x00"
     parse = msg("P", b"s1\x00" + definition)
     bind = msg("B", b"\x00s1\x00\x00\x00\x00\x00\x00\x00")
     sync = msg("S")
     # The first Parse goes to the server under the proxy's name; split anywhere, same result.
-    out, sent = rewriter.feed(parse[:3], client=client, server=server, tracker=tracker,
-                              counts=counts)  # fmt: skip
+    out, sent = rewriter.feed(parse[:3])
     assert (out, sent) == (b"", [])
     assert not rewriter.at_boundary
-    out, _ = rewriter.feed(parse[3:] + bind + sync, client=client, server=server,
-                           tracker=tracker, counts=counts)  # fmt: skip
+    out, _ = rewriter.feed(parse[3:] + bind + sync)
     server_name = statement_name(definition)
     assert out.startswith(parse_message(server_name, definition))
     assert server_name in out[len(parse_message(server_name, definition)) :]
@@ -213,13 +214,131 @@ def test_rewriter_maps_names_prepares_on_demand_and_answers_known_parses() -> No
     # Another client's Parse of the same statement is answered by the proxy.
     other = ClientStatements()
     tracker2 = ResponseTracker()
-    out, _ = Rewriter().feed(parse + sync, client=other, server=server, tracker=tracker2,
-                             counts=counts)  # fmt: skip
+    out, _ = Rewriter(other, server, tracker2, counts).feed(parse + sync)
     assert out == sync
     assert tracker2.take_fakes() == PARSE_COMPLETE
     assert counts.hits == 1
     # On a server without it, a Bind is preceded by a quiet Parse.
-    out, _ = Rewriter().feed(bind + sync, client=other, server=ServerStatements(),
-                             tracker=ResponseTracker(), counts=counts)  # fmt: skip
+    out, _ = Rewriter(other, ServerStatements(), ResponseTracker(), counts).feed(bind + sync)
     assert out.startswith(parse_message(server_name, definition))
     assert counts.reprepares == 1
+
+
+def linked(
+    *statements: bytes,
+) -> tuple[Rewriter, ClientStatements, ServerStatements, ResponseTracker]:
+    """A rewriter whose client defined s1, s2... and whose server has them all."""
+    client, server, tracker = ClientStatements(), ServerStatements(), ResponseTracker()
+    for i, definition in enumerate(statements, 1):
+        server.add(client.define(b"s%d" % i, definition))
+    return Rewriter(client, server, tracker, StatementCounts()), client, server, tracker
+
+
+def test_rewriter_passes_a_chunk_with_nothing_to_map_without_copying_it() -> None:
+    rewriter, _client, _server, tracker = linked()
+    chunk = (msg("P", b"\x00SELECT 1\x00\x00\x00") + msg("B", b"\x00\x00" + bytes(6))
+             + msg("D", b"P\x00") + msg("E", bytes(5)) + msg("S"))  # fmt: skip
+    out, sent = rewriter.feed(chunk)
+    assert out is chunk
+    assert [code for code, _body, _end in sent] == [F.PARSE, F.BIND, F.DESCRIBE, F.EXECUTE, F.SYNC]
+    # Nothing to account for before the Sync: its entry stands for the whole segment.
+    assert len(tracker) == 1
+
+
+def test_rewriter_maps_bind_and_describe_of_a_statement_in_place() -> None:
+    definition = b"SELECT $1\x00\x00\x00"
+    rewriter, _client, _server, tracker = linked(definition)
+    server_name = statement_name(definition)
+    bind = msg("B", b"portal\x00s1\x00\x00\x00\x00\x01\x00\x00\x00\x0242\x00\x00")
+    chunk = bind + msg("D", b"Ss1\x00") + msg("E", b"portal\x00" + bytes(4)) + msg("S")
+    out, sent = rewriter.feed(chunk)
+    assert out == (
+        msg("B", b"portal\x00" + server_name + b"\x00\x00\x00\x00\x01\x00\x00\x00\x0242\x00\x00")
+        + msg("D", b"S" + server_name + b"\x00") + msg("E", b"portal\x00" + bytes(4)) + msg("S")
+    )  # fmt: skip
+    assert sent[0] == (F.BIND, b"portal\x00" + server_name + b"\x00", 0)
+    assert len(tracker) == 1
+
+
+def test_an_error_in_a_collapsed_segment_ends_at_its_ready_for_query() -> None:
+    definition = b"SELECT $1\x00\x00\x00"
+    rewriter, _client, _server, tracker = linked(definition)
+    rewriter.feed(msg("B", b"\x00s1\x00" + bytes(6)) + msg("E", bytes(5)) + msg("S"))
+    # Then a Parse the proxy answers itself: its ParseComplete must wait for that Sync.
+    rewriter.feed(msg("P", b"s9\x00" + definition) + msg("S"))
+    out, events = run(tracker, ERROR)
+    assert out == ERROR
+    out, events = run(tracker, READY + READY)
+    assert out == READY + PARSE_COMPLETE + READY
+    assert len(tracker) == 0
+    assert events.unanswered == []
+
+
+def test_held_entries_position_a_fake_after_the_messages_before_it() -> None:
+    definition = b"SELECT $1\x00\x00\x00"
+    rewriter, client, _server, tracker = linked(definition)
+    # Bind, then a known Parse in the same segment: if the Bind fails, the server skips the
+    # rest up to Sync, so the client must get no ParseComplete and the name is not defined.
+    rewriter.feed(msg("B", b"\x00s1\x00" + bytes(6)) + msg("P", b"s9\x00" + definition) + msg("S"))
+    assert tracker.take_fakes() == b""
+    out, events = run(tracker, ERROR + READY)
+    assert out == ERROR + READY
+    assert events.unanswered == [b"s9"]
+    # The other way: the Bind succeeds, then the ParseComplete comes in its place.
+    tracker2 = ResponseTracker()
+    rewriter2 = Rewriter(client, _server, tracker2, StatementCounts())
+    rewriter2.feed(msg("B", b"\x00s1\x00" + bytes(6)) + msg("P", b"s9\x00" + definition) + msg("S"))
+    out, _events = run(tracker2, BIND_COMPLETE + READY)
+    assert out == BIND_COMPLETE + PARSE_COMPLETE + READY
+
+
+_DEFINITIONS = [b"SELECT $1\x00\x00\x00", b"SELECT 2\x00\x00\x00"]
+_MESSAGES = [
+    msg("P", b"s1\x00" + _DEFINITIONS[0]),
+    msg("P", b"s2\x00" + _DEFINITIONS[1]),
+    msg("P", b"\x00SELECT 3\x00\x00\x00"),
+    msg("B", b"\x00s1\x00" + bytes(6)),
+    msg("B", b"p\x00s2\x00" + bytes(6)),
+    msg("B", b"\x00unknown\x00" + bytes(6)),
+    msg("D", b"Ss1\x00"),
+    msg("D", b"Pp\x00"),
+    msg("E", bytes(5)),
+    msg("C", b"Ss2\x00"),
+    msg("C", b"Pp\x00"),
+    msg("H"),
+    msg("S"),
+    msg("Q", b"SELECT 1\x00"),
+    msg("d", b"row\n"),
+]
+
+
+@given(
+    st.lists(st.sampled_from(_MESSAGES), max_size=30),
+    st.lists(st.integers(min_value=0, max_value=400), max_size=8),
+    st.booleans(),
+)
+def test_rewriting_does_not_depend_on_how_the_stream_is_cut(
+    stream: list[bytes], cuts: list[int], prepared_here: bool
+) -> None:
+    data = b"".join(stream)
+
+    def rewrite(chunks: list[bytes]) -> tuple[bytes, list[int], list[Expected], StatementCounts]:
+        client, server, tracker = ClientStatements(), ServerStatements(), ResponseTracker()
+        client.define(b"s1", _DEFINITIONS[0])
+        if prepared_here:
+            server.add(statement_name(_DEFINITIONS[0]))
+        counts = StatementCounts()
+        rewriter = Rewriter(client, server, tracker, counts)
+        out, codes = b"", []
+        for chunk in chunks:
+            part, sent = rewriter.feed(chunk)
+            out += part
+            codes += [code for code, _body, _end in sent]
+        assert rewriter.at_boundary
+        return out, codes, list(tracker._queue), counts
+
+    bounds = sorted({min(c, len(data)) for c in cuts} | {0, len(data)})
+    chunks = [data[a:b] for a, b in itertools.pairwise(bounds)]
+    out, codes, _entries, counts = rewrite([data])
+    cut_out, cut_codes, _cut_entries, cut_counts = rewrite(chunks)
+    assert (cut_out, cut_codes, cut_counts) == (out, codes, counts)
