@@ -1,12 +1,13 @@
 """pgbench through pgproxy, through PgBouncer and straight to PostgreSQL, in one run.
 
     .venv/bin/python bench/run.py [--clients 50,200,1000] [--rounds 3] [--duration 15]
-                                  [--pool-size 20] [--out bench/RESULTS.md] [--quick]
+                                  [--pool-size 20] [--workloads select-simple,tpcb-prepared]
+                                  [--out bench/RESULTS.md] [--quick]
 
 The machines we run on are shared and noisy, so absolute numbers mean little: what this
 script reports are ratios between targets measured side by side. To keep the noise fair,
-every round runs each client count against every target, in an order rotated from one
-measurement block to the next, and the poolers stay up for the whole run so that one
+every round runs each workload and client count against every target, in an order rotated
+from one measurement block to the next, and the poolers stay up for the whole run so that one
 measurement is exactly one pgbench run.
 
 Everything started here (a throw-away cluster, PgBouncer, pgproxy) is stopped again on
@@ -48,6 +49,36 @@ START_TIMEOUT = 15.0
 PGBENCH_GRACE = 120.0
 
 
+@dataclass(frozen=True, slots=True)
+class Workload:
+    """A pgbench script and query protocol; `pgbench_args` go before the common options."""
+
+    name: str
+    pgbench_args: tuple[str, ...]
+    description: str
+
+
+WORKLOADS: dict[str, Workload] = {
+    w.name: w
+    for w in (
+        Workload("select-simple", ("-S", "-M", "simple"), "select-only, simple protocol"),
+        Workload("select-extended", ("-S", "-M", "extended"), "select-only, extended protocol"),
+        Workload(
+            "select-prepared",
+            ("-S", "-M", "prepared"),
+            "select-only, extended protocol with named prepared statements",
+        ),
+        Workload("tpcb-simple", ("-M", "simple"), "TPC-B-like, simple protocol"),
+        Workload("tpcb-extended", ("-M", "extended"), "TPC-B-like, extended protocol"),
+        Workload(
+            "tpcb-prepared",
+            ("-M", "prepared"),
+            "TPC-B-like, extended protocol with named prepared statements",
+        ),
+    )
+}
+
+
 @dataclass
 class Target:
     """Somewhere pgbench can point at; `process` is None for direct PostgreSQL."""
@@ -62,6 +93,7 @@ class Target:
 @dataclass
 class Measurement:
     target: str
+    workload: str
     clients: int
     round: int
     tps: float = 0.0
@@ -298,11 +330,11 @@ def parse_pgbench(output: str, measurement: Measurement) -> None:
 
 
 def measure(
-    pgbench: str, target: Target, clients: int, round_no: int, duration: int
+    pgbench: str, target: Target, workload: Workload, clients: int, round_no: int, duration: int
 ) -> Measurement:
-    measurement = Measurement(target.name, clients, round_no)
+    measurement = Measurement(target.name, workload.name, clients, round_no)
     command = [
-        pgbench, "-S", "-M", "simple", "-n",
+        pgbench, *workload.pgbench_args, "-n",
         "-c", str(clients), "-j", str(min(2, clients)), "-T", str(duration),
         *pgbench_args(target.port), BENCH.database,
     ]  # fmt: skip
@@ -383,11 +415,14 @@ def median_of(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summary(run: Run, target: str, clients: int) -> dict[str, float | None]:
+def summary(run: Run, workload: str, target: str, clients: int) -> dict[str, float | None]:
     good = [
         m
         for m in run.measurements
-        if m.target == target and m.clients == clients and m.error is None
+        if m.workload == workload
+        and m.target == target
+        and m.clients == clients
+        and m.error is None
     ]
     tps = [m.tps for m in good]
     cpu = [c for m in good if (c := m.cpu_per_1000_tx) is not None]
@@ -425,9 +460,13 @@ def render(run: Run) -> str:
         shlex.join([os.path.relpath(sys.executable, Path.cwd()), *sys.argv]),
         "```",
         "",
-        f"Workload: `pgbench -S -M simple -n -j 2 -T {args.duration}` (select-only, simple "
-        f"protocol) on a scale-{args.scale} database; {args.rounds} round(s), each running "
-        "every client count against every target in a rotated order. Poolers: transaction "
+        f"Workloads, each `pgbench <flags> -n -c <clients> -j 2 -T {args.duration}` "
+        f"(`-j 1` for a single client) on a scale-{args.scale} database:",
+        "",
+        *(f"- `{w.name}`: `{shlex.join(w.pgbench_args)}`, {w.description}" for w in args.workloads),
+        "",
+        f"{args.rounds} round(s), each running every workload and client count against every "
+        "target in a rotated order. Poolers: transaction "
         f"pooling, pool size {args.pool_size}, SCRAM-SHA-256 for clients and server, up for "
         "the whole run. tps excludes pgbench's initial connection time; pooler CPU is "
         "utime+stime of the pooler process (and children) over the whole pgbench run, client "
@@ -440,47 +479,92 @@ def render(run: Run) -> str:
     for target in skipped:
         lines += [f"**{target.name} not measured**:", "", "```", target.skipped or "", "```", ""]
     measured = [t.name for t in run.targets if not t.skipped]
+    for workload in args.workloads:
+        lines += render_workload(run, workload, measured)
+    if "pgproxy" in measured:
+        lines += render_prepared_vs_extended(run)
+    failures = [m for m in run.measurements if m.error is not None]
+    if failures:
+        lines += ["## Failed runs", ""]
+        lines += [
+            f"- round {m.round}, {m.workload}, {m.clients} clients, {m.target}: "
+            + (m.error or "").replace("\n", " / ")
+            for m in failures
+        ]
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def render_workload(run: Run, workload: Workload, measured: list[str]) -> list[str]:
+    """One workload's per-client-count tables and its ratio table."""
+    name = workload.name
+    lines = [
+        f"## {name}",
+        "",
+        f"`pgbench {shlex.join(workload.pgbench_args)}`: {workload.description}.",
+        "",
+    ]
     for clients in run.clients:
         lines += [
-            f"## {clients} clients",
+            f"### {clients} clients",
             "",
             "| target | tps (median) | tps min-max | latency avg ms | pooler CPU s / 1000 tx "
             "| initial connection ms | runs ok |",
             "|---|---:|---:|---:|---:|---:|---:|",
         ]
-        for name in measured:
-            s = summary(run, name, clients)
+        for target in measured:
+            s = summary(run, name, target, clients)
+            tps_range = "—" if s["runs"] == 0 else f"{fmt(s['tps_min'])}-{fmt(s['tps_max'])}"
             lines.append(
-                f"| {name} | {fmt(s['tps'])} | {fmt(s['tps_min'])}-{fmt(s['tps_max'])} "
+                f"| {target} | {fmt(s['tps'])} | {tps_range} "
                 f"| {fmt(s['latency'], 3)} | {fmt(s['cpu'], 3)} | {fmt(s['connect'])} "
-                f"| {fmt(s['runs'])}/{args.rounds} |"
+                f"| {fmt(s['runs'])}/{run.args.rounds} |"
             )
         lines.append("")
     lines += [
-        "## Ratios (medians)",
+        "### Ratios (medians)",
         "",
         "| clients | pgproxy / PgBouncer tps | pgproxy / PgBouncer CPU per tx "
         "| pgproxy / direct tps | PgBouncer / direct tps |",
         "|---:|---:|---:|---:|---:|",
     ]
     for clients in run.clients:
-        proxy = summary(run, "pgproxy", clients)
-        bouncer = summary(run, "pgbouncer", clients)
-        direct = summary(run, "direct", clients)
+        # A target with no good run (not measured, or every run failed) gives None: "—".
+        proxy = summary(run, name, "pgproxy", clients)
+        bouncer = summary(run, name, "pgbouncer", clients)
+        direct = summary(run, name, "direct", clients)
         lines.append(
             f"| {clients} | {ratio(proxy['tps'], bouncer['tps'])} "
             f"| {ratio(proxy['cpu'], bouncer['cpu'])} | {ratio(proxy['tps'], direct['tps'])} "
             f"| {ratio(bouncer['tps'], direct['tps'])} |"
         )
-    failures = [m for m in run.measurements if m.error is not None]
-    if failures:
-        lines += ["", "## Failed runs", ""]
-        lines += [
-            f"- round {m.round}, {m.clients} clients, {m.target}: "
-            + (m.error or "").replace("\n", " / ")
-            for m in failures
-        ]
-    return "\n".join(lines) + "\n"
+    lines.append("")
+    return lines
+
+
+def render_prepared_vs_extended(run: Run) -> list[str]:
+    """pgproxy with named prepared statements against unnamed ones, per script."""
+    names = {w.name for w in run.args.workloads}
+    scripts = [s for s in ("select", "tpcb") if {f"{s}-extended", f"{s}-prepared"} <= names]
+    if not scripts:
+        return []
+    lines = [
+        "## Prepared vs extended (pgproxy)",
+        "",
+        "| script | clients | extended tps | prepared tps | prepared / extended tps "
+        "| extended CPU s / 1000 tx | prepared CPU s / 1000 tx |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for script in scripts:
+        for clients in run.clients:
+            extended = summary(run, f"{script}-extended", "pgproxy", clients)
+            prepared = summary(run, f"{script}-prepared", "pgproxy", clients)
+            lines.append(
+                f"| {script} | {clients} | {fmt(extended['tps'])} | {fmt(prepared['tps'])} "
+                f"| {ratio(prepared['tps'], extended['tps'])} | {fmt(extended['cpu'], 3)} "
+                f"| {fmt(prepared['cpu'], 3)} |"
+            )
+    lines.append("")
+    return lines
 
 
 # -- main ------------------------------------------------------------------------------
@@ -497,6 +581,11 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--targets",
         default="direct,pgbouncer,pgproxy",
         help="comma-separated subset of direct,pgbouncer,pgproxy",
+    )
+    parser.add_argument(
+        "--workloads",
+        default="select-simple",
+        help=f"comma-separated subset of {','.join(WORKLOADS)} (default select-simple)",
     )
     parser.add_argument("--out", type=Path, help="markdown report (default bench/RESULTS.md)")
     parser.add_argument(
@@ -516,6 +605,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     unknown = set(args.targets) - {"direct", "pgbouncer", "pgproxy"}
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
+    # dict.fromkeys: drop repeats, keep the order given.
+    workloads = list(dict.fromkeys(w.strip() for w in args.workloads.split(",") if w.strip()))
+    unknown_workloads = [w for w in workloads if w not in WORKLOADS]
+    if unknown_workloads:
+        parser.error(
+            f"unknown workload(s): {', '.join(unknown_workloads)}; "
+            f"choose from {', '.join(WORKLOADS)}"
+        )
+    if not workloads:
+        parser.error("--workloads: no workload given")
+    args.workloads = [WORKLOADS[w] for w in workloads]
     return args
 
 
@@ -595,19 +695,21 @@ def main(argv: Sequence[str]) -> int:
 
             block = 0
             for round_no in range(1, args.rounds + 1):
-                for count in clients:
-                    for target in rotated(active, block):
-                        m = measure(pgbench, target, count, round_no, args.duration)
-                        run.measurements.append(m)
-                        cpu = m.cpu_per_1000_tx
-                        print(
-                            f"round {round_no}/{args.rounds} {count:>5} clients "
-                            f"{target.name:<9} {m.tps:>10,.0f} tps {m.latency_ms:>8.3f} ms"
-                            + (f" {cpu:.3f} CPU s/1000 tx" if cpu is not None else "")
-                            + (f"  ERROR: {m.error}" if m.error else ""),
-                            flush=True,
-                        )
-                    block += 1
+                for workload in args.workloads:
+                    for count in clients:
+                        for target in rotated(active, block):
+                            m = measure(pgbench, target, workload, count, round_no, args.duration)
+                            run.measurements.append(m)
+                            cpu = m.cpu_per_1000_tx
+                            print(
+                                f"round {round_no}/{args.rounds} {workload.name:<15} "
+                                f"{count:>5} clients {target.name:<9} {m.tps:>10,.0f} tps "
+                                f"{m.latency_ms:>8.3f} ms"
+                                + (f" {cpu:.3f} CPU s/1000 tx" if cpu is not None else "")
+                                + (f"  ERROR: {m.error}" if m.error else ""),
+                                flush=True,
+                            )
+                        block += 1
         except subprocess.CalledProcessError as exc:
             print(f"{shlex.join(exc.cmd)} failed:\n{exc.stderr.decode(errors='replace')}")
             return 1
