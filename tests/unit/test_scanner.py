@@ -54,6 +54,34 @@ def test_any_split_of_a_stream_yields_the_same_frames_as_feeding_it_whole(
     assert scanner.at_boundary
 
 
+@settings(max_examples=200)
+@given(
+    messages=messages_strategy,
+    watched=st.sets(st.integers(0, 255)),
+    marked=st.sets(st.integers(0, 255)),
+    data=st.data(),
+)
+def test_marked_messages_come_with_no_body_only_while_marking(messages, watched, marked, data):
+    stream = b"".join(msg(code, body) for code, body in messages)
+    marking, plain = [], []
+    offset = 0
+    for code, body in messages:
+        offset += 5 + len(body)
+        if code in watched:
+            marking.append((code, body, offset))
+            plain.append((code, body, offset))
+        elif code in marked:
+            marking.append((code, b"", offset))
+    cuts = data.draw(st.lists(st.integers(0, len(stream)), max_size=10))
+    scanner = MessageScanner(watched, marked=marked)
+    scanner.marking = True
+    assert feed_in_pieces(scanner, stream, cuts) == marking
+    scanner.marking = False
+    assert not scanner.marking
+    assert feed_in_pieces(scanner, stream, cuts) == plain
+    assert scanner.at_boundary
+
+
 @given(messages=messages_strategy, watched=st.sets(st.integers(0, 255)))
 def test_feeding_one_byte_at_a_time_finds_every_watched_message(messages, watched):
     stream = b"".join(msg(code, body) for code, body in messages)
