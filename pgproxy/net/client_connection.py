@@ -305,6 +305,7 @@ class ClientConnection(asyncio.Protocol):
             or pool is None
             or st is None
             or not st.at_boundary
+            or not msgs  # CopyData only: the rest of a COPY the server already failed
             or msgs[-1][0] != _SYNC
         ):
             return False
