@@ -138,4 +138,5 @@ def main(argv: list[str] | None = None) -> int:
     # Imported only now: a bad setting must not pay for (or fail on) importing the proxy.
     from pgproxy.proxy import serve
 
-    return serve(settings)
+    flags = _flags(parsed)
+    return serve(settings, reload=lambda: load_settings(flags, config_file=config))

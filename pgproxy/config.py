@@ -92,7 +92,16 @@ _SCRAM_PREFIX = "SCRAM-SHA-256$"
 _SCRAM_SECRET = re.compile(
     r"SCRAM-SHA-256\$[1-9][0-9]*:[A-Za-z0-9+/]+={0,2}\$[A-Za-z0-9+/]+={0,2}:[A-Za-z0-9+/]+={0,2}"
 )
-_DATABASE_KEYS = ("dbname", "host", "port", "pool_size")
+# Per-pool settings a [databases] entry or a user_settings entry may override.
+_POOL_KEYS = (
+    "pool_size",
+    "query_timeout",
+    "transaction_timeout",
+    "idle_transaction_timeout",
+    "client_idle_timeout",
+    "query_wait_timeout",
+)
+_DATABASE_KEYS = ("dbname", "host", "port", *_POOL_KEYS)
 
 
 def _parse_port(text: str) -> int:
@@ -242,8 +251,38 @@ class DatabaseEntry(BaseModel):
     # None = `server`'s host and port.
     host: str | None = Field(default=None, min_length=1)
     port: int | None = Field(default=None, ge=1, le=65535)
-    # None = default_pool_size.
+    # None = not overridden (user_settings, then the global setting, apply).
     pool_size: int | None = Field(default=None, ge=1)
+    query_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    transaction_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    idle_transaction_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    client_idle_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    query_wait_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+class UserSettings(BaseModel):
+    """One entry of `user_settings` (PgBouncer's [users]): this user's pools differ."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    pool_size: int | None = Field(default=None, ge=1)
+    query_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    transaction_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    idle_transaction_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    client_idle_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    query_wait_timeout: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPolicy:
+    """The limits of one (database, user) pool: user_settings > databases > global."""
+
+    pool_size: int
+    query_timeout: float
+    transaction_timeout: float
+    idle_transaction_timeout: float
+    client_idle_timeout: float
+    query_wait_timeout: float
 
 
 def _user_pairs(value: object) -> list[tuple[object, object]]:
@@ -271,16 +310,20 @@ def _user_pairs(value: object) -> list[tuple[object, object]]:
     return pairs
 
 
-def _parse_database(text: str) -> tuple[str, dict[str, str]]:
+def _parse_database(
+    text: str, keys: tuple[str, ...] = _DATABASE_KEYS
+) -> tuple[str, dict[str, str]]:
     """`ALIAS=key=value key=value` (PgBouncer's [databases] line) or a bare `ALIAS`."""
     alias, _, spec = text.strip().partition("=")
     alias = alias.strip()
     if not alias:
         raise ValueError(f"entry {text!r} has no name; write ALIAS=dbname=NAME pool_size=N")
-    return alias, _parse_database_spec(alias, spec)
+    return alias, _parse_database_spec(alias, spec, keys)
 
 
-def _parse_database_spec(alias: str, spec: str) -> dict[str, str]:
+def _parse_database_spec(
+    alias: str, spec: str, keys: tuple[str, ...] = _DATABASE_KEYS
+) -> dict[str, str]:
     try:
         words = shlex.split(spec)  # allows dbname='my db', like PgBouncer's quoting
     except ValueError as exc:
@@ -290,8 +333,8 @@ def _parse_database_spec(alias: str, spec: str) -> dict[str, str]:
         key, equals, item = word.partition("=")
         if not equals:
             raise ValueError(f"{alias}: {word!r} is not KEY=VALUE")
-        if key not in _DATABASE_KEYS:
-            known = ", ".join(_DATABASE_KEYS)
+        if key not in keys:
+            known = ", ".join(keys)
             raise ValueError(f"{alias}: unknown key {key!r} (known: {known})")
         if key in fields:
             raise ValueError(f"{alias}: {key} is given twice")
@@ -299,8 +342,8 @@ def _parse_database_spec(alias: str, spec: str) -> dict[str, str]:
     return fields
 
 
-def _database_entries(value: object) -> object:
-    """Every accepted shape of `databases` → {alias: fields}."""
+def _database_entries(value: object, keys: tuple[str, ...] = _DATABASE_KEYS) -> object:
+    """Every accepted shape of `databases` (or `user_settings`) → {name: fields}."""
     if isinstance(value, str):  # environment: entries separated by ';'
         value = [item for item in value.split(";") if item.strip()]
     if isinstance(value, list | tuple):  # repeated --database flags
@@ -308,14 +351,16 @@ def _database_entries(value: object) -> object:
         for item in value:
             if not isinstance(item, str):
                 raise ValueError("entries must be ALIAS=key=value strings")
-            alias, fields = _parse_database(item)
+            alias, fields = _parse_database(item, keys)
             if alias in entries:
                 raise ValueError(f"{alias} is listed twice")
             entries[alias] = fields
         return entries
     if isinstance(value, Mapping):  # TOML [databases.ALIAS] tables, or ALIAS = "key=value ..."
         return {
-            alias: _parse_database_spec(str(alias), fields) if isinstance(fields, str) else fields
+            alias: _parse_database_spec(str(alias), fields, keys)
+            if isinstance(fields, str)
+            else fields
             for alias, fields in value.items()
         }
     return value
@@ -378,12 +423,21 @@ class Settings(BaseSettings):
             "client database not listed in databases."
         ),
     )
+    metrics_listen: Annotated[Address | None, NoDecode] = Field(
+        default=Address(host="0.0.0.0", port=9127),  # noqa: S104 - Prometheus scrapes remotely
+        description=(
+            "Address of the HTTP endpoint with /metrics (Prometheus), /healthz and /readyz, "
+            "HOST:PORT; empty = no endpoint."
+        ),
+    )
     databases: Annotated[dict[str, DatabaseEntry], NoDecode] = Field(
         default_factory=dict,
         description=(
             "Databases clients may ask for, ALIAS=dbname=NAME host=HOST port=PORT pool_size=N, "
-            "every key optional (PgBouncer's [databases]); repeat the flag, or separate entries "
-            "with ';' in the environment. Empty: a client's database name is used upstream as is."
+            "every key optional (PgBouncer's [databases]), plus per-database query_timeout, "
+            "transaction_timeout, idle_transaction_timeout, client_idle_timeout and "
+            "query_wait_timeout; repeat the flag, or separate entries with ';' in the "
+            "environment. Empty: a client's database name is used upstream as is."
         ),
     )
     auth_type: AuthType = Field(
@@ -399,6 +453,25 @@ class Settings(BaseSettings):
             "Postgres stores it (SCRAM-SHA-256$... or md5 and 32 hex digits). Repeat the flag, or "
             "separate entries with ',' in the environment."
         ),
+    )
+    user_settings: Annotated[dict[str, UserSettings], NoDecode] = Field(
+        default_factory=dict,
+        description=(
+            "Per-user pool limits, NAME=pool_size=N query_timeout=S ... (the keys of a "
+            "databases entry but dbname, host and port; PgBouncer's [users]); they win over "
+            "the database's and the global ones. Repeat the flag, or separate with ';'."
+        ),
+    )
+    admin_users: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "Users (of users) who may run every command of the admin console, the virtual "
+            "database pgproxy (alias pgbouncer); comma-separated."
+        ),
+    )
+    stats_users: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description="Users (of users) who may run the admin console's SHOW commands only.",
     )
     pool_mode: PoolMode = Field(
         default=PoolMode.TRANSACTION,
@@ -465,6 +538,54 @@ class Settings(BaseSettings):
         description=(
             "Disconnect a client that stays idle in a transaction this many seconds, freeing its "
             "server connection (25P03); 0 = never."
+        ),
+    )
+    idle_transaction_warn: _Seconds = Field(
+        default=10.0,
+        description=(
+            "Log a warning naming a client idle in a transaction this many seconds (with its "
+            "application_name and last statement); 0 = never."
+        ),
+    )
+    transaction_timeout: _Seconds = Field(
+        default=0.0,
+        description=(
+            "Disconnect a client whose transaction has lasted this many seconds (25P04); its "
+            "server is rolled back (a running query cancelled first) or closed; 0 = never."
+        ),
+    )
+    query_timeout: _Seconds = Field(
+        default=0.0,
+        description=(
+            "Cancel a query running this many seconds on the server (the client gets 57014 and "
+            "keeps its connection); 0 = never."
+        ),
+    )
+    client_idle_timeout: _Seconds = Field(
+        default=0.0,
+        description=(
+            "Disconnect a client that holds no server and has sent nothing for this many "
+            "seconds (57P05); 0 = never."
+        ),
+    )
+    query_wait_notify: _Seconds = Field(
+        default=5.0,
+        description=(
+            "Send a NOTICE to a client that has waited this many seconds for a server "
+            "connection, saying why; 0 = never."
+        ),
+    )
+    track_statement_text: bool = Field(
+        default=True,
+        description=(
+            "Keep each client's last statement, for the warnings about idle transactions and "
+            "the leak reports; false = never record statement text (privacy)."
+        ),
+    )
+    monitor_interval: _Seconds = Field(
+        default=5.0,
+        description=(
+            "Seconds between reads of pg_stat_activity on the server for /metrics; 0 = off."
         ),
     )
     server_idle_timeout: _Seconds = Field(
@@ -550,6 +671,39 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_databases(cls, value: object) -> object:
         return _database_entries(value)
+
+    @field_validator("user_settings", mode="before")
+    @classmethod
+    def _parse_user_settings(cls, value: object) -> object:
+        return _database_entries(value, _POOL_KEYS)
+
+    @field_validator("admin_users", "stats_users", mode="before")
+    @classmethod
+    def _parse_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("metrics_listen", mode="before")
+    @classmethod
+    def _parse_metrics_listen(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    def policy(self, database: str, user: str) -> PoolPolicy:
+        """This pool's limits: the user's entry, then the database's, then the global ones."""
+        db = self.databases.get(database)
+        us = self.user_settings.get(user)
+
+        def pick(name: str) -> Any:
+            for entry in (us, db):
+                value = getattr(entry, name, None) if entry is not None else None
+                if value is not None:
+                    return value
+            return getattr(self, "default_pool_size" if name == "pool_size" else name)
+
+        return PoolPolicy(**{name: pick(name) for name in _POOL_KEYS})
 
     @field_validator("min_pool_size")
     @classmethod

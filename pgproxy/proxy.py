@@ -14,11 +14,13 @@ import itertools
 import logging
 import secrets
 import signal
-from collections.abc import Coroutine
+import time
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from pgproxy.config import PoolMode, Settings
+from pgproxy.admin import ADMIN_DATABASES, AdminSession, admin_welcome
+from pgproxy.config import PoolMode, PoolPolicy, Settings
 from pgproxy.core.cancel import CancelKeys
 from pgproxy.core.client import ClientState
 from pgproxy.core.login import (
@@ -33,11 +35,15 @@ from pgproxy.core.pool import Pool, PoolKey
 from pgproxy.core.server import ClientView, DisconnectReason
 from pgproxy.core.server_login import ServerCredentials, ServerLogin
 from pgproxy.core.watchdog import idle_servers_to_close
-from pgproxy.errors import PgProxyError, ShutdownError, UnknownDatabaseError
+from pgproxy.errors import ConfigError, PgProxyError, ShutdownError, UnknownDatabaseError
+from pgproxy.metrics import start_metrics_server
+from pgproxy.monitor import ServerMonitor
 from pgproxy.net.client_connection import ClientConnection
 from pgproxy.net.connector import open_server, send_cancel
 from pgproxy.net.flow import GateReason
 from pgproxy.net.server_connection import ServerConnection
+from pgproxy.report import client_report
+from pgproxy.wire import messages
 from pgproxy.wire.codes import SqlState, TransactionStatus
 
 log = logging.getLogger("pgproxy")
@@ -53,6 +59,11 @@ CLOSE_WAIT = 2.0
 
 ServerPool = Pool[ServerConnection, ClientConnection]
 
+# Settings a RELOAD cannot change: they shape sockets, threads or every server's state.
+RESTART_ONLY = frozenset(
+    {"listen", "metrics_listen", "pool_mode", "max_prepared_statements", "monitor_interval"}
+)
+
 
 @dataclass(frozen=True, slots=True)
 class PoolTarget:
@@ -63,8 +74,10 @@ class PoolTarget:
 
 
 class Proxy:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
         self.settings = settings
+        # Reads the settings again from where they came from (flags, environment, file).
+        self._reload_settings = reload
         self.releases_after_transaction = settings.pool_mode == PoolMode.TRANSACTION
         # Named prepared statements get the proxy's names, so that any server can run them.
         self.maps_statements = (
@@ -98,12 +111,22 @@ class Proxy:
         self.listen_port = 0
         # Server connections closed by us whose connection_lost has not come yet.
         self._closing: set[ServerConnection] = set()
+        # PAUSE: every pool (paused_all) or those of some databases hand out no server.
+        self.paused_all = False
+        self.paused_databases: set[str] = set()
+        self.policies: dict[PoolKey, PoolPolicy] = {}
+        self.started_at = 0.0  # loop time of start()
+        # /metrics, /healthz, /readyz (metrics_listen) and the pg_stat_activity reader.
+        self._metrics_server: asyncio.Server | None = None
+        self.metrics_port = 0
+        self.monitor: ServerMonitor | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._loop = loop
+        self.started_at = self.now()
         self._stop = asyncio.Event()
         self._force = asyncio.Event()
         self._no_clients = asyncio.Event()
@@ -114,6 +137,15 @@ class Proxy:
         )
         sock = self._listener.sockets[0]
         self.listen_port = int(sock.getsockname()[1])
+        metrics_listen = self.settings.metrics_listen
+        if metrics_listen is not None:
+            self._metrics_server = await start_metrics_server(
+                self, metrics_listen.host or None, metrics_listen.port
+            )
+            self.metrics_port = int(self._metrics_server.sockets[0].getsockname()[1])
+        if self.settings.monitor_interval > 0:
+            self.monitor = ServerMonitor(self.settings)
+            self.monitor.start()
         self._spawn(self._watchdog())
         if not self.users and self.settings.auth_type.value != "trust":
             log.warning("no users configured: every login will fail (see --user)")
@@ -133,6 +165,7 @@ class Proxy:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         assert self._stop is not None
         await self._stop.wait()
         await self.drain()
@@ -183,6 +216,11 @@ class Proxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._listener is not None:
             await self._listener.wait_closed()
+        if self.monitor is not None:
+            self.monitor.stop()
+        if self._metrics_server is not None:
+            self._metrics_server.close()
+            await self._metrics_server.wait_closed()
         log.info("stopped")
 
     async def _until_all_gone(self) -> None:
@@ -199,8 +237,9 @@ class Proxy:
     # -- small services the connections use --------------------------------------------------
 
     def now(self) -> float:
-        assert self._loop is not None
-        return self._loop.time()
+        """Monotonic seconds. Not loop.time(): uvloop's ticks in milliseconds, once per loop
+        iteration, which would time every sub-millisecond query as 0."""
+        return time.monotonic()
 
     def next_id(self) -> int:
         return next(self._ids)
@@ -228,8 +267,13 @@ class Proxy:
             mock_seed=self._mock_seed,
         )
 
-    def count_login_failure(self) -> None:
+    def count_login_failure(self, database: str | None = None, user: str | None = None) -> None:
+        """Every failed login counts here; also in its pool's stats when that pool exists."""
         self.login_failures += 1
+        if database and user:
+            pool = self.pools.get(PoolKey(database, user))
+            if pool is not None:
+                pool.stats.login_failures += 1
 
     # -- clients -----------------------------------------------------------------------------
 
@@ -242,6 +286,9 @@ class Proxy:
         return True
 
     def client_authenticated(self, client: ClientConnection, event: Authenticated) -> None:
+        if event.database in ADMIN_DATABASES and event.database not in self.settings.databases:
+            self._admin_login(client, event)
+            return
         target = self._resolve(event.database)
         if target is None:
             raise UnknownDatabaseError(f'database "{event.database}" does not exist')
@@ -251,11 +298,12 @@ class Proxy:
         key = PoolKey(event.database, event.user)
         pool = self.pools.get(key)
         if pool is None:
-            entry = self.settings.databases.get(event.database)
-            size = entry.pool_size if entry is not None and entry.pool_size else None
-            size = size or self.settings.default_pool_size
+            policy = self.settings.policy(event.database, event.user)
+            size = policy.pool_size
             pool = Pool(key=key, size=size, min_size=min(self.settings.min_pool_size, size))
+            pool.paused = self.is_paused(event.database)
             self.pools[key] = pool
+            self.policies[key] = policy
             self._targets[key] = target
         state = ClientState(
             id=client.id,
@@ -263,8 +311,11 @@ class Proxy:
             database=event.database,
             connected_at=self.now(),
             view=ClientView(wanted, {}),
+            track_statements=self.settings.track_statement_text,
         )
         client.pool = pool
+        client.stats = pool.stats
+        pool.stats.logins += 1
         client.start_session(state, self.cancel_keys.allocate(client))
         log.info(
             "%r login: user=%s database=%s application_name=%s from %s",
@@ -284,6 +335,40 @@ class Proxy:
         self._welcome_waiters.setdefault(key, []).append((client, event.leftover))
         if pool.connecting == 0:
             self._launch(pool, 1)
+
+    def _admin_login(self, client: ClientConnection, event: Authenticated) -> None:
+        """A client of the virtual database: the admin console, for admin and stats users."""
+        settings = self.settings
+        may_modify = event.user in settings.admin_users
+        if not may_modify and event.user not in settings.stats_users:
+            raise PgProxyError(
+                f'user "{event.user}" may not use the admin console '
+                "(it is in neither admin_users nor stats_users)",
+                sqlstate=SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+            )
+        state = ClientState(
+            id=client.id,
+            user=event.user,
+            database=event.database,
+            connected_at=self.now(),
+            view=ClientView(startup_settings(event.params), {}),
+        )
+        client.start_session(state, self.cancel_keys.allocate(client))
+        client.admin = AdminSession(
+            self,
+            event.user,
+            may_modify=may_modify,
+            write=client.write,
+            close=client.close_admin_session,
+        )
+        log.info(
+            "%r admin console login: user=%s (%s) from %s",
+            client,
+            event.user,
+            "admin" if may_modify else "stats only",
+            client.address,
+        )
+        client.finish_login(admin_welcome(), event.leftover)
 
     def _resolve(self, database: str) -> PoolTarget | None:
         settings = self.settings
@@ -325,6 +410,8 @@ class Proxy:
             return  # refused over max_client_conn: never registered
         self.clients.discard(client)
         self.idle_in_transaction.pop(client, None)
+        if client.admin is not None:
+            client.admin.connection_lost()
         if client.cancel_key is not None:
             self.cancel_keys.release(client.cancel_key[0])
         pool = client.pool
@@ -334,6 +421,8 @@ class Proxy:
             waiters = self._welcome_waiters.get(pool.key)
             if waiters:
                 waiters[:] = [w for w in waiters if w[0] is not client]
+        if pool is not None:
+            pool.stats.count_disconnect(reason.value)
         server = client.unlink()
         if server is not None and state is not None:
             self._release_orphan(server, client_at_boundary=state.at_boundary)
@@ -355,6 +444,9 @@ class Proxy:
         """A CancelRequest with a key we handed out: cancel on the client's current server."""
         client = self.cancel_keys.lookup(pid, secret)
         if client is None:
+            return
+        if client.admin is not None:
+            client.admin.cancel()  # Ctrl-C on a PAUSE that waits
             return
         server = client.server
         if server is None or server.state is None or server.state.backend_key is None:
@@ -408,6 +500,7 @@ class Proxy:
             pool.connecting -= 1
             raise
         assert conn.state is not None
+        conn.target = target
         self.servers.add(conn)
         log.info(
             "%r connected to %s:%d for pool %s (backend pid %s)",
@@ -476,6 +569,9 @@ class Proxy:
         lifetime = self.settings.server_lifetime
         if lifetime > 0 and now - st.created_at >= lifetime:
             self.close_server(server, DisconnectReason.LIFETIME)
+            return
+        if server.target != self._targets.get(pool.key):
+            self.close_server(server, DisconnectReason.CONFIG_CHANGED)
             return
         st.last_used_at = now
         client = pool.checkin(server, now)
@@ -577,6 +673,128 @@ class Proxy:
             )
         self._replenish(pool)
 
+    # -- admin commands ----------------------------------------------------------------------
+
+    def is_paused(self, database: str) -> bool:
+        return self.paused_all or database in self.paused_databases
+
+    def pause(self, database: str | None = None) -> None:
+        """PAUSE: pools (of `database`, or all) hand out no server until `resume`."""
+        if database is None:
+            self.paused_all = True
+        else:
+            self.paused_databases.add(database)
+        for key, pool in self.pools.items():
+            if database is None or key.database == database:
+                pool.paused = True
+
+    def resume(self, database: str | None = None) -> None:
+        """RESUME: waiting clients get servers again."""
+        if database is None:
+            self.paused_all = False
+            self.paused_databases.clear()
+        else:
+            self.paused_databases.discard(database)
+        now = self.now()
+        for key, pool in self.pools.items():
+            if not pool.paused or self.is_paused(key.database):
+                continue
+            pool.paused = False
+            while pool.waiters and pool.idle:
+                server, _since = pool.idle.popitem()
+                waiter = pool.checkin(server, now)
+                if waiter is not None:
+                    waiter.link(server)
+            self._replenish(pool)
+
+    def paused_and_quiet(self, database: str | None = None) -> bool:
+        """Paused, and no server of those pools is in use any more (PAUSE is complete)."""
+        return all(
+            pool.paused and not pool.active and not pool.resetting and not pool.connecting
+            for key, pool in self.pools.items()
+            if database is None or key.database == database
+        )
+
+    def kill_database(self, database: str) -> int:
+        """KILL: pause the database, close its clients and servers; the number of clients."""
+        self.pause(database)
+        killed = [c for c in self.clients if c.pool is not None and c.pool.key.database == database]
+        error = PgProxyError(
+            f'database "{database}" was killed from the admin console', sqlstate="57P01"
+        )
+        for client in killed:
+            client.fail(error, reason=DisconnectReason.ADMIN_KILL)
+        for key, pool in self.pools.items():
+            if key.database == database:
+                for server, _since in pool.idle_servers():
+                    self.close_server(server, DisconnectReason.ADMIN_KILL)
+        return len(killed)
+
+    def kill_client(self, client_id: int) -> bool:
+        """KILL_CLIENT: close one client (its server is rolled back or closed as usual)."""
+        for client in self.clients:
+            if client.id == client_id and client.admin is None:
+                client.fail(
+                    PgProxyError(
+                        "terminating connection: killed from the admin console", sqlstate="57P01"
+                    ),
+                    reason=DisconnectReason.ADMIN_KILL,
+                )
+                return True
+        return False
+
+    def _reload_on_signal(self) -> None:
+        try:
+            self.reload()
+        except ConfigError as exc:
+            log.error("reload failed, settings unchanged: %s: %s", exc.setting, exc.problem)
+
+    def reload(self) -> list[str]:
+        """RELOAD / SIGHUP: read the settings again and apply what can change while running.
+
+        Returns one line per changed setting. Settings that need a restart keep their old
+        value (and say so). Raises ConfigError, changing nothing, on a bad configuration.
+        """
+        if self._reload_settings is None:
+            raise ConfigError("config", "this proxy was not started from a configuration")
+        new = self._reload_settings()
+        old = self.settings
+        lines = []
+        kept: dict[str, object] = {}
+        for name in Settings.model_fields:
+            before, after = getattr(old, name), getattr(new, name)
+            if before == after:
+                continue
+            if name in RESTART_ONLY:
+                kept[name] = before
+                lines.append(f"{name}: changed in the configuration, needs a restart")
+            elif name == "users":
+                lines.append(f"{name}: {', '.join(u.name for u in after) or '(none)'}")
+            else:
+                lines.append(f"{name}: {before} -> {after}")
+        if not lines:
+            return []
+        self.settings = new.model_copy(update=kept) if kept else new
+        self.users = {
+            u.name: user_auth_from_password(u.name, u.password) for u in self.settings.users
+        }
+        logging.getLogger("pgproxy").setLevel(self.settings.log_level.upper())
+        self.policies.clear()
+        for key, pool in self.pools.items():
+            policy = self.policy(pool)
+            pool.size = policy.pool_size
+            pool.min_size = min(self.settings.min_pool_size, pool.size)
+            target = self._resolve(key.database)
+            if target is not None and target != self._targets.get(key):
+                # Servers of the old target go: the idle ones now, the others at checkin.
+                self._targets[key] = target
+                for server, _since in pool.idle_servers():
+                    self.close_server(server, DisconnectReason.CONFIG_CHANGED)
+            self._replenish(pool)
+        for line in lines:
+            log.info("reload: %s", line)
+        return lines
+
     # -- maintenance -------------------------------------------------------------------------
 
     async def _watchdog(self) -> None:
@@ -588,30 +806,37 @@ class Proxy:
                 log.exception("watchdog tick failed")
 
     def tick(self, now: float) -> None:
+        self._watch_idle_in_transaction(now)
+        self._watch_linked(now)
+        self._watch_idle_clients(now)
         settings = self.settings
-        limit = settings.idle_transaction_timeout
-        if limit > 0:
-            for client, since in list(self.idle_in_transaction.items()):
-                if now - since >= limit:
-                    # Its server is rolled back and pooled again by client_lost.
-                    client.fail(
-                        PgProxyError(
-                            "terminating connection due to idle-in-transaction timeout "
-                            f"(idle_transaction_timeout {limit:g} s)",
-                            sqlstate=SqlState.IDLE_IN_TRANSACTION_TIMEOUT,
-                        ),
-                        reason=DisconnectReason.IDLE_TRANSACTION_TIMEOUT,
-                    )
+        notify = settings.query_wait_notify
         for pool in list(self.pools.values()):
-            for client in pool.expired_waiters(now, settings.query_wait_timeout):
+            policy = self.policy(pool)
+            for client in pool.expired_waiters(now, policy.query_wait_timeout):
                 client.fail(
                     PgProxyError(
                         f"query_wait_timeout: no server connection for pool {pool.key} "
-                        f"within {settings.query_wait_timeout:g} s",
-                        sqlstate="57014",
+                        f"within {policy.query_wait_timeout:g} s",
+                        sqlstate=SqlState.QUERY_CANCELED,
                     ),
                     reason=DisconnectReason.WAIT_TIMEOUT,
                 )
+            if notify > 0:
+                for client, since in pool.waiters.items():
+                    if now - since < notify:
+                        break  # FIFO: the rest waited less
+                    if client.notices.get("wait") != since:
+                        client.notices["wait"] = since
+                        client.write(
+                            messages.notice_response(
+                                "NOTICE",
+                                SqlState.SUCCESSFUL_COMPLETION,
+                                f"pgproxy: waiting for a server connection of pool {pool.key}: "
+                                f"all {pool.size} are in use"
+                                + (" (the pool is paused)" if pool.paused else ""),
+                            )
+                        )
             idle = [
                 (server, since, server.state.created_at)
                 for server, since in pool.idle_servers()
@@ -632,9 +857,137 @@ class Proxy:
             if pool.welcome is not None:
                 self._replenish(pool)
 
+    def policy(self, pool: ServerPool) -> PoolPolicy:
+        policy = self.policies.get(pool.key)
+        if policy is None:
+            policy = self.policies[pool.key] = self.settings.policy(
+                pool.key.database, pool.key.user
+            )
+        return policy
 
-def serve(settings: Settings) -> int:
-    """Run a proxy until it is stopped; uvloop when installed."""
+    def _watch_idle_in_transaction(self, now: float) -> None:
+        """Warn once about a client idle in a transaction; past the timeout, disconnect it."""
+        warn = self.settings.idle_transaction_warn
+        for client, since in list(self.idle_in_transaction.items()):
+            pool = client.pool
+            if pool is None:
+                continue
+            idle = now - since
+            limit = self.policy(pool).idle_transaction_timeout
+            if limit > 0 and idle >= limit:
+                # Its server is rolled back and pooled again by client_lost.
+                client.fail(
+                    PgProxyError(
+                        "terminating connection due to idle-in-transaction timeout "
+                        f"(idle_transaction_timeout {limit:g} s)",
+                        sqlstate=SqlState.IDLE_IN_TRANSACTION_TIMEOUT,
+                    ),
+                    reason=DisconnectReason.IDLE_TRANSACTION_TIMEOUT,
+                )
+            elif warn > 0 and idle >= warn and client.notices.get("idle") != since:
+                client.notices["idle"] = since
+                self._log_offender(client, now, f"idle in transaction for {idle:.0f} s")
+
+    def _log_offender(self, client: ClientConnection, now: float, what: str) -> None:
+        """One line naming a client that holds a server: who, from where, doing what."""
+        report = client_report(client, now)
+        log.warning(
+            "%r %s: user=%s database=%s application_name=%s from %s, holding server %s "
+            "for %.0f s; last statement: %s",
+            client,
+            what,
+            report.user,
+            report.database,
+            report.application_name or "-",
+            report.address,
+            f"S-{report.server_id}" if report.server_id is not None else "-",
+            report.holding_for or 0.0,
+            report.last_statement
+            if report.last_statement is not None
+            else ("(not tracked)" if not self.settings.track_statement_text else "-"),
+        )
+
+    def _watch_linked(self, now: float) -> None:
+        """transaction_timeout and query_timeout, for clients that hold a server."""
+        for pool in list(self.pools.values()):
+            policy = self.policy(pool)
+            if policy.transaction_timeout <= 0 and policy.query_timeout <= 0:
+                continue
+            for server in list(pool.active):
+                client = server.client
+                st = server.state
+                if client is None or st is None:
+                    continue
+                busy = bool(st.queue) or st.segment != 0
+                in_transaction = st.transaction_status != TransactionStatus.IDLE
+                limit = policy.transaction_timeout
+                if (
+                    limit > 0
+                    and (busy or in_transaction)
+                    and now - st.transaction_started_at >= limit
+                ):
+                    self._log_offender(client, now, f"past transaction_timeout ({limit:g} s)")
+                    client.fail(
+                        PgProxyError(
+                            "terminating connection due to transaction timeout "
+                            f"(transaction_timeout {limit:g} s)",
+                            sqlstate=SqlState.TRANSACTION_TIMEOUT,
+                        ),
+                        reason=DisconnectReason.TRANSACTION_TIMEOUT,
+                    )
+                    continue
+                limit = policy.query_timeout
+                if limit <= 0 or not st.queue or st.copy_in:
+                    continue
+                started = st.query_started_at
+                cancelled = server.query_cancelled
+                if cancelled is not None and cancelled[0] == started:
+                    if now - cancelled[1] >= CANCEL_TIMEOUT:
+                        # The query ignored the cancel: the client goes, the server is closed.
+                        client.fail(
+                            PgProxyError(
+                                f"query_timeout ({limit:g} s): the query did not stop when "
+                                "cancelled",
+                                sqlstate=SqlState.QUERY_CANCELED,
+                            ),
+                            reason=DisconnectReason.QUERY_TIMEOUT,
+                        )
+                elif now - started >= limit and st.backend_key is not None:
+                    server.query_cancelled = (started, now)
+                    client.write(
+                        messages.notice_response(
+                            "WARNING",
+                            SqlState.QUERY_CANCELED,
+                            f"pgproxy: query_timeout ({limit:g} s) reached; cancelling the query",
+                        )
+                    )
+                    log.info("%r: query_timeout (%g s): cancelling on %r", client, limit, server)
+                    server.cancels_in_flight += 1
+                    self._spawn(self._cancel(server, st.backend_key))
+
+    def _watch_idle_clients(self, now: float) -> None:
+        """client_idle_timeout: clients with no server and nothing sent for that long."""
+        if not any(p.client_idle_timeout > 0 for p in self.policies.values()):
+            return
+        for client in list(self.clients):
+            pool = client.pool
+            st = client.state
+            if pool is None or st is None or client.server is not None or st.pending:
+                continue
+            limit = self.policy(pool).client_idle_timeout
+            if limit > 0 and now - client.released_at >= limit:
+                client.fail(
+                    PgProxyError(
+                        "terminating connection due to idle timeout "
+                        f"(client_idle_timeout {limit:g} s)",
+                        sqlstate=SqlState.IDLE_SESSION_TIMEOUT,
+                    ),
+                    reason=DisconnectReason.CLIENT_IDLE_TIMEOUT,
+                )
+
+
+def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+    """Run a proxy until it is stopped; uvloop when installed. `reload` re-reads settings."""
     try:
         import uvloop
 
@@ -642,4 +995,4 @@ def serve(settings: Settings) -> int:
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(Proxy(settings).run())
+        return runner.run(Proxy(settings, reload).run())

@@ -15,9 +15,12 @@ from pgproxy.wire.scanner import MessageScanner
 
 _PARSE = FrontendCode.PARSE
 _QUERY = FrontendCode.QUERY
+_BIND = FrontendCode.BIND
 
 # Unnamed Parse bodies up to this size are kept for replay (the scanner keeps 1 MiB).
 REPLAY_LIMIT = 1 << 20
+# Bytes of the last statement kept for reports (they show much less).
+STATEMENT_KEEP = 4096
 
 
 def uses_unnamed_statement_first(msgs: list[tuple[int, bytes, int]]) -> bool:
@@ -68,6 +71,11 @@ class ClientState:
     uses_named: bool = False
     # While a link maps statement names, the rewriter of its messages.
     rewriter: Rewriter | None = None
+    # The body of the client's latest Query, Parse or Bind and its code, for leak reports
+    # (kept only with `track_statements`: the text may be private).
+    track_statements: bool = True
+    last_statement: bytes | None = None
+    last_statement_code: int = 0
     scanner: MessageScanner = field(
         default_factory=lambda: MessageScanner(FRONTEND_WATCHED, valid=FRONTEND_VALID)
     )
@@ -80,6 +88,7 @@ class ClientState:
         """
         msgs = self.scanner.feed(data)
         if msgs:
+            track = self.track_statements
             for i, (code, body, end) in enumerate(msgs):
                 if code == _PARSE:
                     if body[:1] == b"\x00":
@@ -87,8 +96,17 @@ class ClientState:
                         self.last_unnamed_parse = body if len(body) < REPLAY_LIMIT else None
                     else:
                         self.uses_named = True
+                    if track:
+                        self._note_statement(code, body)
                 elif code == _QUERY:
                     self.last_unnamed_parse = None
+                    if track:
+                        self._note_statement(code, body)
+                elif code == _BIND and track:
+                    name_at = body.find(b"\x00") + 1
+                    if body[name_at : name_at + 1] not in (b"\x00", b""):
+                        # A named statement (for the unnamed one, its Parse says more).
+                        self._note_statement(code, body)
                 elif code == FrontendCode.TERMINATE:
                     if body:
                         raise ProtocolError("invalid Terminate message: it has a body")
@@ -100,6 +118,10 @@ class ClientState:
                         return b"", msgs[:i]
                     return data[: end - 5], msgs[:i]
         return data, msgs
+
+    def _note_statement(self, code: int, body: bytes) -> None:
+        self.last_statement = body if len(body) <= STATEMENT_KEEP else body[:STATEMENT_KEEP]
+        self.last_statement_code = code
 
     def hold(self, data: bytes, msgs: list[tuple[int, bytes, int]], now: float) -> bool:
         """Keep bytes until a server is linked. Returns True when a server must be requested."""

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 from pgproxy.core.prepared import StatementCounts
+from pgproxy.core.stats import PoolStats
 
 S = TypeVar("S", bound=Hashable)
 C = TypeVar("C", bound=Hashable)
@@ -43,6 +44,9 @@ class Pool(Generic[S, C]):
     # recent last (bounded): a client's Parse of one can be answered without a server.
     known_statements: dict[bytes, None] = field(default_factory=dict)
     statement_counts: StatementCounts = field(default_factory=StatementCounts)
+    stats: PoolStats = field(default_factory=PoolStats)
+    # PAUSE: no server is handed out (clients queue) until RESUME.
+    paused: bool = False
 
     def note_prepared(self, names: list[bytes], limit: int = 10_000) -> None:
         known = self.known_statements
@@ -59,7 +63,7 @@ class Pool(Generic[S, C]):
 
     def checkout(self, client: C, now: float) -> S | None:
         """The most recently used idle server, or None after queueing the client."""
-        if self.idle and not self.waiters:
+        if self.idle and not self.waiters and not self.paused:
             server, _ = self.idle.popitem()
             self.active.add(server)
             return server
@@ -69,7 +73,7 @@ class Pool(Generic[S, C]):
     def launches_needed(self) -> int:
         """How many server connections to open now for waiters and `min_size`."""
         room = self.size - self.total
-        if room <= 0:
+        if room <= 0 or self.paused:
             return 0
         want = max(len(self.waiters) - self.connecting - len(self.resetting), 0)
         want = max(want, self.min_size - self.total)
@@ -79,7 +83,7 @@ class Pool(Generic[S, C]):
         """Return a clean server: it goes to the oldest waiter (returned), or becomes idle."""
         self.active.discard(server)
         self.resetting.discard(server)
-        if self.waiters:
+        if self.waiters and not self.paused:
             client = next(iter(self.waiters))
             del self.waiters[client]
             self.active.add(server)

@@ -31,6 +31,7 @@ from pgproxy.core.prepared import (
     plain_entry,
 )
 from pgproxy.core.session_state import SessionEffect, inspect
+from pgproxy.core.stats import PoolStats
 from pgproxy.wire import messages
 from pgproxy.wire.codes import BackendCode, FrontendCode, TransactionStatus
 from pgproxy.wire.scanner import Frame, MessageScanner
@@ -112,6 +113,11 @@ class DisconnectReason(Enum):
     INTERNAL_ERROR = "internal_error"
     UNEXPECTED_DATA = "unexpected_data"
     CANCEL = "cancel_request"
+    ADMIN_KILL = "admin_kill"
+    TRANSACTION_TIMEOUT = "transaction_timeout"
+    QUERY_TIMEOUT = "query_timeout"
+    CLIENT_IDLE_TIMEOUT = "client_idle_timeout"
+    CONFIG_CHANGED = "config_changed"
 
 
 @dataclass(slots=True)
@@ -184,6 +190,11 @@ class ServerState:
     extended_copy: bool = False
     # The client this connection serves now, if any.
     client: "ClientView | None" = None
+    # The pool's counters (None in unit tests that do not count), and when the query and
+    # the transaction in progress began (see `mark_start`).
+    stats: PoolStats | None = None
+    query_started_at: float = 0.0
+    transaction_started_at: float = 0.0
     scanner: MessageScanner = field(
         default_factory=lambda: MessageScanner(BACKEND_WATCHED, marked=TRACKED_BACKEND)
     )
@@ -453,13 +464,25 @@ class ServerState:
 
     # -- server → frontend -------------------------------------------------------------------
 
-    def feed(self, data: bytes, frames: list[Frame] | None = None) -> int:
+    def mark_start(self, now: float) -> None:
+        """Before client messages go: if the server owed the client nothing, a query starts.
+
+        (Only the proxy's own queries, a prelude say, may be ahead of it.)
+        """
+        if self.segment != _SEG_EMPTY or any(entry != _PROXY for entry in self.queue):
+            return
+        self.query_started_at = now
+        if self.transaction_status == TransactionStatus.IDLE:
+            self.transaction_started_at = now
+
+    def feed(self, data: bytes, frames: list[Frame] | None = None, now: float = 0.0) -> int:
         """Account for bytes from the server; return the offset where the client's bytes start.
 
         `frames`: what `scanner` made of `data` already, if the caller scanned it (to give the
-        tracker). When `swallowing` is false on entry the caller has already forwarded the
-        whole chunk (the fast path) and the result is 0. Otherwise bytes up to the
-        ReadyForQuery that ends the proxy's own query are withheld.
+        tracker); `now` times the queries and transactions it ends, when counting. When
+        `swallowing` is false on entry the caller has already forwarded the whole chunk (the
+        fast path) and the result is 0. Otherwise bytes up to the ReadyForQuery that ends the
+        proxy's own query are withheld.
         """
         start = len(data) if self.swallowing else 0
         if frames is None:
@@ -471,6 +494,15 @@ class ServerState:
                     self.unpredictable = True
                     continue
                 head = self.queue.popleft()
+                stats = self.stats
+                if stats is not None and head != _PROXY:
+                    stats.queries += 1
+                    stats.query_time.observe(now - self.query_started_at)
+                    self.query_started_at = now  # the next one queued runs from here
+                    if self.transaction_status == TransactionStatus.IDLE:
+                        stats.transactions += 1
+                        stats.transaction_time.observe(now - self.transaction_started_at)
+                        self.transaction_started_at = now
                 if self.pending_sets:
                     self._settle_sets()
                 if self.reset_depth:
@@ -512,6 +544,8 @@ class ServerState:
                     self.fatal = True
                 if self.swallowing:
                     self.proxy_error = fields
+                elif self.stats is not None:
+                    self.stats.count_error(fields.get("C", "XX000"))
                 self.copy_in = False
                 # A SET of the statement group that failed (or was skipped) changed nothing.
                 self.pending_sets = [e for e in self.pending_sets if e[0] > 1]

@@ -29,7 +29,9 @@ from pgproxy.wire import messages
 from pgproxy.wire.codes import SSL_REQUEST_CODE, FrontendCode, SqlState, TransactionStatus
 
 if TYPE_CHECKING:
+    from pgproxy.admin import AdminSession
     from pgproxy.core.pool import Pool
+    from pgproxy.core.stats import PoolStats
     from pgproxy.net.server_connection import ServerConnection
     from pgproxy.proxy import Proxy
 
@@ -47,16 +49,22 @@ class ClientConnection(asyncio.Protocol):
         "_login_timer",
         "_over_limit",
         "address",
+        "admin",
         "application_name",
         "cancel_key",
         "closed",
+        "connected_at",
         "gate",
         "id",
         "idle_in_transaction_since",
+        "linked_at",
+        "notices",
         "pool",
         "proxy",
+        "released_at",
         "server",
         "state",
+        "stats",
         "transport",
         "write_paused",
     )
@@ -71,7 +79,11 @@ class ClientConnection(asyncio.Protocol):
         self._login_timer: asyncio.TimerHandle | None = None
         self._over_limit = False
         self.state: ClientState | None = None
+        # The admin console session, for a client of the virtual database (no pool then).
+        self.admin: AdminSession | None = None
         self.pool: Pool[ServerConnection, ClientConnection] | None = None
+        # The pool's counters, once logged in (None before, and for the admin console).
+        self.stats: PoolStats | None = None
         self.server: ServerConnection | None = None
         self.cancel_key: tuple[int, int] | None = None
         self.application_name = ""
@@ -79,6 +91,13 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         # Set while the client holds a server inside a transaction and has nothing running.
         self.idle_in_transaction_since: float | None = None
+        self.connected_at = proxy.now()
+        # When the client got its current server (meaningful while `server` is set), and
+        # when it last gave one back (or logged in): client_idle_timeout counts from there.
+        self.linked_at = 0.0
+        self.released_at = self.connected_at
+        # The watchdog's one-per-episode warnings: kind → the episode's start it was sent for.
+        self.notices: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"C-{self.id}"
@@ -103,7 +122,9 @@ class ClientConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         try:
-            if self.state is not None:
+            if self.admin is not None:
+                self.admin.feed(data)
+            elif self.state is not None:
                 self._feed_session(data)
             elif self._over_limit:
                 self._refuse_over_limit(data)
@@ -165,7 +186,7 @@ class ClientConnection(asyncio.Protocol):
                 self.address,
                 exc.message,
             )
-            self.proxy.count_login_failure()
+            self.proxy.count_login_failure(login.database, login.user)
             self.fail(exc, reason=DisconnectReason.LOGIN_FAILED)
 
     def _handle_login_events(self, events: list[LoginEvent]) -> None:
@@ -210,7 +231,10 @@ class ClientConnection(asyncio.Protocol):
         if self.gate is not None:
             self.gate.discard(GateReason.WAITING_FOR_SERVER)
         if leftover:
-            self._feed_session(leftover)
+            if self.admin is not None:
+                self.admin.feed(leftover)
+            else:
+                self._feed_session(leftover)
 
     def _login_expired(self) -> None:
         self._login_timer = None
@@ -230,6 +254,9 @@ class ClientConnection(asyncio.Protocol):
     def _feed_session(self, data: bytes) -> None:
         st = self.state
         assert st is not None
+        stats = self.stats
+        if stats is not None:
+            stats.received += len(data)
         was_at_boundary = st.at_boundary
         out, msgs = st.feed(data)
         if self.idle_in_transaction_since is not None:
@@ -270,7 +297,9 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         server.client = self
         sst.client = st.view
-        sst.last_used_at = self.proxy.now()
+        now = sst.last_used_at = self.linked_at = self.proxy.now()
+        if st.phase is ClientPhase.WAITING and self.stats is not None:
+            self.stats.wait_time.observe(now - st.waiting_since)
         st.phase = ClientPhase.ACTIVE
         data, msgs = st.take_pending()
         if st.uses_named and self._may_map(sst):
@@ -368,6 +397,8 @@ class ClientConnection(asyncio.Protocol):
             assert self.pool is not None
             data, msgs = rewriter.feed(data)
         if msgs:
+            if sst.segment == 0:
+                sst.mark_start(self.proxy.now())
             # Accounted before the bytes go: a pin past the limit must not run at all.
             sst.note_frontend(msgs)
             if sst.new_pin is not None and not self._allow_pin(server, sst.new_pin):
@@ -421,6 +452,7 @@ class ClientConnection(asyncio.Protocol):
         # Once per pin: the client keeps this server until the state is gone.
         log.info("%r pinned to %r: %s", self, server, reason)
         self.proxy.pins_total += 1
+        pool.stats.pins += 1
         return True
 
     def statement_events(self, sst: ServerState, events: TrackerEvents) -> None:
@@ -465,6 +497,7 @@ class ClientConnection(asyncio.Protocol):
         if server is None:
             return None
         self.server = None
+        self.released_at = self.proxy.now()
         server.client = None
         if server.state is not None:
             server.state.client = None
@@ -522,9 +555,14 @@ class ClientConnection(asyncio.Protocol):
         transport = self.transport
         if transport is not None and not transport.is_closing():
             transport.write(data)
+            stats = self.stats
+            if stats is not None:
+                stats.sent += len(data)
 
     def fail(self, exc: PgProxyError, *, reason: DisconnectReason | None = None) -> None:
         """Send an ErrorResponse; a FATAL one also closes the connection."""
+        if self.stats is not None and not self.closed:
+            self.stats.count_error(exc.sqlstate)
         self.write(messages.error_from_exception(exc))
         if exc.severity == Severity.FATAL:
             if reason is None:
@@ -532,6 +570,10 @@ class ClientConnection(asyncio.Protocol):
                 if exc.sqlstate.startswith("08"):
                     reason = DisconnectReason.CONNECT_FAILED
             self.close(reason, detail=exc.message)
+
+    def close_admin_session(self) -> None:
+        """The admin console's client said Terminate (or SHUTDOWN closed it)."""
+        self.close(DisconnectReason.CLIENT_TERMINATE)
 
     def close(self, reason: DisconnectReason, detail: str = "") -> None:
         if self.closed:

@@ -38,9 +38,11 @@ class ServerConnection(asyncio.Protocol):
         "logged_in",
         "pool",
         "proxy",
+        "query_cancelled",
         "reset_started_at",
         "resets_session",
         "state",
+        "target",
         "transport",
         "write_paused",
     )
@@ -73,6 +75,10 @@ class ServerConnection(asyncio.Protocol):
         # server waits for them before it serves anyone else (checkin_deferred).
         self.cancels_in_flight = 0
         self.checkin_deferred = False
+        # query_timeout: (start of the query cancelled, when the cancel was sent), or None.
+        self.query_cancelled: tuple[float, float] | None = None
+        # Where it connected to (a PoolTarget); a RELOAD that moves the pool replaces it.
+        self.target: object = None
 
     def __repr__(self) -> str:
         return f"S-{self.id}"
@@ -99,7 +105,7 @@ class ServerConnection(asyncio.Protocol):
                     events = st.tracker_events
                     frames = st.scanner.feed(data)
                     out = tracker.feed(data, frames, events)
-                    st.feed(data, frames)
+                    st.feed(data, frames, self.proxy.now())
                     if st.outbox:
                         client.write(b"".join(st.outbox))
                         st.outbox.clear()
@@ -117,7 +123,7 @@ class ServerConnection(asyncio.Protocol):
                             "statements, is not supported in transaction mode"
                         )
                 elif st.swallowing:
-                    start = st.feed(data)
+                    start = st.feed(data, None, self.proxy.now())
                     if st.outbox:
                         client.write(b"".join(st.outbox))
                         st.outbox.clear()
@@ -125,7 +131,7 @@ class ServerConnection(asyncio.Protocol):
                         client.write(data[start:])
                 else:
                     client.write(data)
-                    st.feed(data)
+                    st.feed(data, None, self.proxy.now())
                 if st.proxy_error is not None:
                     client.prelude_failed(st.proxy_error)
                 elif st.drained:
@@ -205,6 +211,7 @@ class ServerConnection(asyncio.Protocol):
                 id=self.id,
                 created_at=now,
                 backend_key=step.backend_key,
+                stats=self.pool.stats,
                 params=dict(step.parameters),
                 last_used_at=now,
                 statements=ServerStatements(capacity=self.proxy.settings.max_prepared_statements),

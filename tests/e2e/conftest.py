@@ -97,6 +97,9 @@ def make_proxy(
             "users": [f"{app_credentials.user}:{app_credentials.password}"],
             "default_pool_size": "2",
             "query_wait_timeout": "30",
+            # Off unless a test asks: parallel proxies would fight over port 9127.
+            "metrics_listen": "",
+            "monitor_interval": "0",
         }
         flags.update(overrides)
         proxy = ProxyThread(flags, use_uvloop=use_uvloop).start()
@@ -138,3 +141,13 @@ def table(pg: LocalPostgres, app_credentials: Credentials) -> Iterator[str]:
 def proxy(make_proxy: Callable[..., ProxyThread]) -> ProxyThread:
     """A transaction-mode proxy with a pool of 2 for the `app` user."""
     return make_proxy()
+
+
+@pytest.fixture
+def counter_table(pg: LocalPostgres) -> Iterator[None]:
+    """Table `safety (id, v)` owned by `app` with the row (1, 0), dropped afterwards."""
+    pg.execute("CREATE TABLE safety (id int PRIMARY KEY, v int NOT NULL)", database="app")
+    pg.execute("ALTER TABLE safety OWNER TO app", database="app")
+    pg.execute("INSERT INTO safety VALUES (1, 0)", database="app")
+    yield
+    pg.execute("DROP TABLE safety", database="app")

@@ -10,15 +10,6 @@ from pgproxy.localpg import LocalPostgres
 from .helpers import Background, connect, kill_socket, wait_for
 
 
-@pytest.fixture
-def counter_table(pg: LocalPostgres):
-    pg.execute("CREATE TABLE safety (id int PRIMARY KEY, v int NOT NULL)", database="app")
-    pg.execute("ALTER TABLE safety OWNER TO app", database="app")
-    pg.execute("INSERT INTO safety VALUES (1, 0)", database="app")
-    yield
-    pg.execute("DROP TABLE safety", database="app")
-
-
 def _app_backends(pg: LocalPostgres) -> list[tuple]:
     return pg.execute(
         "SELECT pid, state, query FROM pg_stat_activity "

@@ -86,6 +86,11 @@ def start_cli(pg: LocalPostgres, tmp_path: Path) -> Iterator[Callable[..., Proxy
             "2",
             "--shutdown-timeout",
             shutdown_timeout,
+            # Off: parallel proxies would fight over port 9127, and the monitor logs.
+            "--metrics-listen",
+            "",
+            "--monitor-interval",
+            "0",
             *extra,
         ]
         with log_path.open("wb") as log_file:
@@ -318,3 +323,22 @@ def test_bad_setting_exits_2_with_one_line_naming_it() -> None:
     assert len(lines) == 1, result.stderr
     assert "default_pool_size" in lines[0]
     assert result.stdout == ""
+
+
+def test_sighup_reloads_the_config_file_and_a_bad_one_changes_nothing(
+    start_cli, tmp_path: Path
+) -> None:
+    config = tmp_path / "pgproxy.toml"
+    config.write_text("query_timeout = 0\n")
+    proxy = start_cli("--config", str(config))
+    config.write_text("query_timeout = 0.3\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload: query_timeout: 0.0 -> 0.3" in proxy.log(), what="the reload line")
+    with connect(proxy.port) as conn, pytest.raises(psycopg.errors.QueryCanceled):
+        conn.execute("SELECT pg_sleep(30)")
+    config.write_text("query_timeout = -1\n")
+    proxy.process.send_signal(signal.SIGHUP)
+    wait_for(lambda: "reload failed, settings unchanged: query_timeout" in proxy.log())
+    with connect(proxy.port) as conn, pytest.raises(psycopg.errors.QueryCanceled):
+        conn.execute("SELECT pg_sleep(30)")
+    assert proxy.process.poll() is None

@@ -41,6 +41,12 @@ def toml(tmp_path: Path) -> Callable[[str], Path]:
     return write
 
 
+KNOWN_TAIL = (
+    "query_timeout, transaction_timeout, idle_transaction_timeout, client_idle_timeout, "
+    "query_wait_timeout)"
+)
+
+
 def load(
     flags: Mapping[str, object] | None = None,
     *,
@@ -347,9 +353,12 @@ def test_databases_from_flags_are_one_entry_each():
     [
         (
             "app=dbname=x pool_sise=5",
-            "app: unknown key 'pool_sise' (known: dbname, host, port, pool_size)",
+            "app: unknown key 'pool_sise' (known: dbname, host, port, pool_size, " + KNOWN_TAIL,
         ),
-        ("app=user=bob", "app: unknown key 'user' (known: dbname, host, port, pool_size)"),
+        (
+            "app=user=bob",
+            "app: unknown key 'user' (known: dbname, host, port, pool_size, " + KNOWN_TAIL,
+        ),
         ("app=dbname", "app: 'dbname' is not KEY=VALUE"),
         ("app=dbname=x dbname=y", "app: dbname is given twice"),
         ("app=pool_size=0", "app.pool_size must be at least 1, got 0"),
@@ -474,3 +483,43 @@ def test_toml_that_is_not_utf8_is_an_error(tmp_path):
     path = tmp_path / "pgproxy.toml"
     path.write_bytes(b"\xff\xfe")
     assert error_of(config_file=path).setting == "config"
+
+
+def test_pool_policy_takes_the_user_then_the_database_then_the_global_value() -> None:
+    settings = load_settings(
+        {
+            "databases": ["app=pool_size=7 query_timeout=30", "other"],
+            "user_settings": ["batch=pool_size=2 transaction_timeout=600"],
+            "query_timeout": "5",
+            "transaction_timeout": "60",
+        },
+        environ={},
+    )
+    app_web = settings.policy("app", "web")
+    assert (app_web.pool_size, app_web.query_timeout, app_web.transaction_timeout) == (7, 30, 60)
+    app_batch = settings.policy("app", "batch")
+    assert (app_batch.pool_size, app_batch.query_timeout) == (2, 30)
+    assert app_batch.transaction_timeout == 600
+    other = settings.policy("other", "web")
+    assert (other.pool_size, other.query_timeout) == (20, 5)
+
+
+def test_user_settings_refuse_keys_only_a_database_has() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_settings({"user_settings": ["batch=host=db2"]}, environ={})
+    assert info.value.setting == "user_settings"
+    assert "unknown key 'host'" in str(info.value)
+
+
+def test_admin_users_and_metrics_listen_parse_from_text() -> None:
+    settings = load_settings(
+        {"admin_users": "root, ops", "stats_users": "grafana", "metrics_listen": "127.0.0.1:9200"},
+        environ={},
+    )
+    assert settings.admin_users == ("root", "ops")
+    assert settings.stats_users == ("grafana",)
+    assert settings.metrics_listen is not None
+    assert (settings.metrics_listen.host, settings.metrics_listen.port) == ("127.0.0.1", 9200)
+    assert load_settings({"metrics_listen": ""}, environ={}).metrics_listen is None
+    default = load_settings({}, environ={}).metrics_listen
+    assert default is not None and default.port == 9127
