@@ -32,7 +32,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.request
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +49,8 @@ START_TIMEOUT = 15.0
 # pgbench connects every client before it starts the clock; 1000 SCRAM logins on two
 # cores take a while, and a wedged target must not hang the whole run.
 PGBENCH_GRACE = 120.0
+# Prometheus scrapes every 15-60 s; once a second makes any cost of /metrics visible.
+SCRAPE_INTERVAL = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +92,8 @@ class Target:
     process: subprocess.Popen[bytes] | None = None
     # Why the target is not measured (it failed to start), shown in the report.
     skipped: str | None = None
+    # Where its /metrics is: scraped every SCRAPE_INTERVAL during each measurement.
+    metrics_port: int | None = None
 
 
 @dataclass
@@ -103,6 +109,9 @@ class Measurement:
     transactions: int = 0
     # Pooler CPU seconds spent during the pgbench run; None for direct.
     cpu_seconds: float | None = None
+    # /metrics scrapes done during the run, and their mean duration.
+    scrapes: int = 0
+    scrape_ms: float = 0.0
     error: str | None = None
 
     @property
@@ -259,8 +268,19 @@ def start_pgbouncer(
     return target
 
 
-def start_pgproxy(workdir: Path, pg: LocalPostgres, pool_size: int, max_client_conn: int) -> Target:
+def start_pgproxy(
+    workdir: Path,
+    pg: LocalPostgres,
+    pool_size: int,
+    max_client_conn: int,
+    *,
+    metrics: bool = True,
+) -> Target:
+    """pgproxy with its metrics endpoint and server monitor (scraped while measured), or
+    without either (`pgproxy-nometrics`): the pair shows what observability costs."""
     port = free_port(HOST)
+    metrics_port = free_port(HOST) if metrics else None
+    name = "pgproxy" if metrics else "pgproxy-nometrics"
     command = [
         sys.executable, "-m", "pgproxy",
         "--listen", f"{HOST}:{port}",
@@ -269,8 +289,10 @@ def start_pgproxy(workdir: Path, pg: LocalPostgres, pool_size: int, max_client_c
         "--default-pool-size", str(pool_size),
         "--pool-mode", "transaction",
         "--max-client-conn", str(max_client_conn),
+        "--metrics-listen", f"{HOST}:{metrics_port}" if metrics_port else "",
+        *([] if metrics else ["--monitor-interval", "0"]),
     ]  # fmt: skip
-    log = workdir / "pgproxy.log"
+    log = workdir / f"{name}.log"
     with log.open("wb") as log_file:
         process = subprocess.Popen(
             command,
@@ -280,11 +302,28 @@ def start_pgproxy(workdir: Path, pg: LocalPostgres, pool_size: int, max_client_c
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-    target = Target("pgproxy", port, process)
+    target = Target(name, port, process, metrics_port=metrics_port)
     if not wait_for_port(port, process, START_TIMEOUT):
         stop_process(process)
-        target.skipped = f"pgproxy failed to start: {tail(log) or '(no output)'}"
+        target.skipped = f"{name} failed to start: {tail(log) or '(no output)'}"
     return target
+
+
+class Scraper(threading.Thread):
+    """GETs /metrics every SCRAPE_INTERVAL seconds until stopped, timing each scrape."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.url = f"http://{HOST}:{port}/metrics"
+        self.stopped = threading.Event()
+        self.durations: list[float] = []
+
+    def run(self) -> None:
+        while not self.stopped.wait(SCRAPE_INTERVAL):
+            started = time.monotonic()
+            with contextlib.suppress(OSError), urllib.request.urlopen(self.url, timeout=5) as r:
+                r.read()
+                self.durations.append(time.monotonic() - started)
 
 
 # -- pgbench ---------------------------------------------------------------------------
@@ -340,6 +379,9 @@ def measure(
     ]  # fmt: skip
     pid = target.process.pid if target.process is not None else None
     cpu_before = cpu_seconds(pid) if pid is not None else 0.0
+    scraper = Scraper(target.metrics_port) if target.metrics_port else None
+    if scraper is not None:
+        scraper.start()
     try:
         result = subprocess.run(
             command,
@@ -353,6 +395,13 @@ def measure(
     except subprocess.TimeoutExpired:
         measurement.error = f"pgbench did not finish within {duration + PGBENCH_GRACE:.0f} s"
         return measurement
+    finally:
+        if scraper is not None:
+            scraper.stopped.set()
+            scraper.join(10)
+            measurement.scrapes = len(scraper.durations)
+            if scraper.durations:
+                measurement.scrape_ms = statistics.mean(scraper.durations) * 1000
     if pid is not None:
         measurement.cpu_seconds = cpu_seconds(pid) - cpu_before
     parse_pgbench(result.stdout, measurement)
@@ -483,6 +532,8 @@ def render(run: Run) -> str:
         lines += render_workload(run, workload, measured)
     if "pgproxy" in measured:
         lines += render_prepared_vs_extended(run)
+    if "pgproxy" in measured and "pgproxy-nometrics" in measured:
+        lines += render_metrics_cost(run)
     failures = [m for m in run.measurements if m.error is not None]
     if failures:
         lines += ["## Failed runs", ""]
@@ -541,6 +592,41 @@ def render_workload(run: Run, workload: Workload, measured: list[str]) -> list[s
     return lines
 
 
+def render_metrics_cost(run: Run) -> list[str]:
+    """pgproxy with /metrics scraped every second (and its monitor) against pgproxy without."""
+    lines = [
+        "## Cost of observability (pgproxy)",
+        "",
+        f"`pgproxy` serves /metrics, scraped every {SCRAPE_INTERVAL:g} s during each run, and "
+        "reads pg_stat_activity every 5 s; `pgproxy-nometrics` has both off.",
+        "",
+        "| workload | clients | tps with | tps without | with / without tps "
+        "| CPU per tx with / without | scrapes per run | mean scrape ms |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for workload in run.args.workloads:
+        for clients in run.clients:
+            on = summary(run, workload.name, "pgproxy", clients)
+            off = summary(run, workload.name, "pgproxy-nometrics", clients)
+            scraped = [
+                m
+                for m in run.measurements
+                if m.workload == workload.name
+                and m.target == "pgproxy"
+                and m.clients == clients
+                and m.error is None
+            ]
+            scrapes = median_of([float(m.scrapes) for m in scraped])
+            scrape_ms = median_of([m.scrape_ms for m in scraped if m.scrapes])
+            lines.append(
+                f"| {workload.name} | {clients} | {fmt(on['tps'])} | {fmt(off['tps'])} "
+                f"| {ratio(on['tps'], off['tps'])} | {ratio(on['cpu'], off['cpu'])} "
+                f"| {fmt(scrapes)} | {fmt(scrape_ms, 1)} |"
+            )
+    lines.append("")
+    return lines
+
+
 def render_prepared_vs_extended(run: Run) -> list[str]:
     """pgproxy with named prepared statements against unnamed ones, per script."""
     names = {w.name for w in run.args.workloads}
@@ -580,7 +666,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--targets",
         default="direct,pgbouncer,pgproxy",
-        help="comma-separated subset of direct,pgbouncer,pgproxy",
+        help="comma-separated subset of direct,pgbouncer,pgproxy,pgproxy-nometrics (pgproxy "
+        "with /metrics off and no server monitor: the cost of observability)",
     )
     parser.add_argument(
         "--workloads",
@@ -602,7 +689,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args.scale = args.scale or (1 if quick else 10)
     args.out = args.out or REPO / "bench" / ("out/RESULTS-quick.md" if quick else "RESULTS.md")
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.targets) - {"direct", "pgbouncer", "pgproxy"}
+    unknown = set(args.targets) - {"direct", "pgbouncer", "pgproxy", "pgproxy-nometrics"}
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
     # dict.fromkeys: drop repeats, keep the order given.
@@ -683,8 +770,16 @@ def main(argv: Sequence[str]) -> int:
                     run.targets.append(
                         start_pgbouncer(workdir, pg, args.pool_size, max_client_conn)
                     )
-                elif name == "pgproxy":
-                    run.targets.append(start_pgproxy(workdir, pg, args.pool_size, max_client_conn))
+                elif name in ("pgproxy", "pgproxy-nometrics"):
+                    run.targets.append(
+                        start_pgproxy(
+                            workdir,
+                            pg,
+                            args.pool_size,
+                            max_client_conn,
+                            metrics=name == "pgproxy",
+                        )
+                    )
             for target in run.targets:
                 status = target.skipped or f"listening on port {target.port}"
                 print(f"{target.name}: {status}", flush=True)
@@ -703,7 +798,7 @@ def main(argv: Sequence[str]) -> int:
                             cpu = m.cpu_per_1000_tx
                             print(
                                 f"round {round_no}/{args.rounds} {workload.name:<15} "
-                                f"{count:>5} clients {target.name:<9} {m.tps:>10,.0f} tps "
+                                f"{count:>5} clients {target.name:<17} {m.tps:>10,.0f} tps "
                                 f"{m.latency_ms:>8.3f} ms"
                                 + (f" {cpu:.3f} CPU s/1000 tx" if cpu is not None else "")
                                 + (f"  ERROR: {m.error}" if m.error else ""),
