@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import TYPE_CHECKING, ClassVar
 
 from pydantic import BaseModel
 
@@ -944,13 +944,11 @@ class AdminSession:
         Times are in microseconds, as PgBouncer's. avg_xact_time, avg_query_time and
         avg_wait_time are means per transaction, query and waiting client; avg_xact_count,
         avg_query_count, avg_recv and avg_sent are per second since start (PgBouncer's are
-        over its last stats_period), NULL while the start time is unknown.
+        over its last stats_period).
         """
         proxy = self.proxy
         now = proxy.now()
-        # Loop time the proxy started at, once `Proxy` records it.
-        started = cast("float | None", getattr(proxy, "started_at", None))
-        uptime = None if started is None else max(now - started, 1e-6)
+        uptime = max(now - proxy.started_at, 1e-6)
         totals: dict[str, _DatabaseTotals] = {}
         for p in report.pools(proxy, now):
             totals.setdefault(p.database, _DatabaseTotals()).add(p)

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 
 import pg8000.native
@@ -21,6 +22,7 @@ import pg8000.native
 from pgproxy.localpg import LocalPostgres, free_port
 
 USER, PASSWORD, DATABASE = "demo", "demo-secret", "demo"
+ADMIN, ADMIN_PASSWORD = "admin", "admin-secret"  # the admin console's user (pgproxy only)
 MAX_CONNECTIONS = 20
 POOL_SIZE = 5
 CLIENTS = 100
@@ -106,7 +108,12 @@ def _max_backends(pg: LocalPostgres, stop: threading.Event, out: list[int]) -> N
     )
     try:
         while not stop.is_set():
-            rows = conn.run("SELECT count(*) FROM pg_stat_activity WHERE usename = :u", u=USER)
+            # Not pgproxy's monitor: its one connection reads pg_stat_activity for /metrics.
+            rows = conn.run(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = :u "
+                "AND application_name <> 'pgproxy_monitor'",
+                u=USER,
+            )
             out.append(int(rows[0][0]))
             stop.wait(0.02)
     finally:
@@ -126,6 +133,30 @@ def _measure(pg: LocalPostgres, port: int) -> tuple[int, int, list[str], int]:
     return ok, failed, first, max(samples, default=0)
 
 
+def _show_observability(pg: LocalPostgres, port: int, metrics_port: int) -> None:
+    """What the operator sees now: the admin console's SHOW POOLS and a few metrics."""
+    psql = pg.bindir / "psql"
+    if psql.exists():
+        print("\n  admin console, SHOW POOLS:\n")
+        shown = subprocess.run(
+            [str(psql), "-h", "127.0.0.1", "-p", str(port), "-U", ADMIN, "-X", "-c",
+             "SHOW POOLS", "pgproxy"],
+            env={**os.environ, "PGPASSWORD": ADMIN_PASSWORD},
+            capture_output=True,
+            text=True,
+            check=False,
+        )  # fmt: skip
+        for line in (shown.stdout or shown.stderr).splitlines():
+            print(f"    {line}")
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    wanted = ("pgproxy_clients{", "pgproxy_servers{", "pgproxy_queries_total{")
+    print(f"\n  /metrics (http://127.0.0.1:{metrics_port}/metrics), a few lines:\n")
+    for line in text.splitlines():
+        if line.startswith(wanted):
+            print(f"    {line}")
+
+
 def main() -> int:
     if os.environ.get("PGPROXY_SERVER"):
         port = _port(6432)
@@ -142,10 +173,14 @@ def main() -> int:
         pg.create_user(USER, PASSWORD)
         pg.create_database(DATABASE, owner=USER)
         port = _port(6432)
+        metrics_port = _port(9127)
         args = [
             "--listen", f"127.0.0.1:{port}",
             "--server", f"{pg.host}:{pg.port}",
             "--user", f"{USER}:{PASSWORD}",
+            "--user", f"{ADMIN}:{ADMIN_PASSWORD}",
+            "--admin-users", ADMIN,
+            "--metrics-listen", f"127.0.0.1:{metrics_port}",
             "--default-pool-size", str(POOL_SIZE),
             # One line per login would scroll the demonstration away.
             "--log-level", "warning",
@@ -167,9 +202,13 @@ def main() -> int:
                 f"\n  pgproxy served {CLIENTS} clients with at most {proxied[3]} server "
                 f"connections (default_pool_size={POOL_SIZE}, max_connections={MAX_CONNECTIONS})."
             )
+            _show_observability(pg, port, metrics_port)
             print(
                 "\npgproxy is running. Connect with:\n\n"
-                f"  PGPASSWORD={PASSWORD} psql -h 127.0.0.1 -p {port} -U {USER} {DATABASE}\n\n"
+                f"  PGPASSWORD={PASSWORD} psql -h 127.0.0.1 -p {port} -U {USER} {DATABASE}\n"
+                f"  PGPASSWORD={ADMIN_PASSWORD} psql -h 127.0.0.1 -p {port} -U {ADMIN} pgproxy"
+                "      (admin console: SHOW POOLS, SHOW CLIENTS, SHOW LEAKS, ...)\n"
+                f"  curl http://127.0.0.1:{metrics_port}/metrics\n\n"
                 "Press Ctrl-C to stop (the throwaway PostgreSQL is removed).\n",
                 flush=True,
             )

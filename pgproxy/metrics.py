@@ -260,6 +260,12 @@ def pool_families(view: ProxyView) -> list[Metric]:
         "pgproxy_longest_wait_seconds",
         "How long the oldest client waiting for a server has waited (0: none waits).",
     )
+    longest_hold = gauge(
+        "pgproxy_longest_hold_seconds",
+        "How long the client holding a server connection longest has held it (0: none holds "
+        "one); in transaction mode, the longest transaction in progress: the first sign of a "
+        "leak.",
+    )
     idle_tx = gauge(
         "pgproxy_idle_in_transaction_longest_seconds",
         "How long the longest idle-in-transaction client of the pool has been so (0: none).",
@@ -318,6 +324,7 @@ def pool_families(view: ProxyView) -> list[Metric]:
         min_size.add_metric(labels, p.min_size)
         paused.add_metric(labels, int(p.paused))
         longest_wait.add_metric(labels, p.longest_wait)
+        longest_hold.add_metric(labels, p.longest_hold)
         idle_tx.add_metric(labels, view.idle_in_transaction_longest.get((p.database, p.user), 0.0))
         wait_time.add_metric(labels, _buckets(st.wait_time), st.wait_time.sum)
         query_time.add_metric(labels, _buckets(st.query_time), st.query_time.sum)
@@ -347,6 +354,7 @@ def pool_families(view: ProxyView) -> list[Metric]:
         min_size,
         paused,
         longest_wait,
+        longest_hold,
         idle_tx,
         wait_time,
         query_time,

@@ -78,6 +78,7 @@ class PoolReport:
     clients: dict[str, int]  # by CLIENT_STATES (login excluded: no pool yet)
     servers: dict[str, int]  # by SERVER_STATES
     longest_wait: float  # seconds the oldest waiting client has waited (0: none)
+    longest_hold: float  # seconds the client holding a server longest has held it (0: none)
     paused: bool
     stats: PoolStats
     statements: StatementCounts
@@ -201,12 +202,16 @@ def leaks(proxy: Proxy, now: float, min_seconds: float = 0.0) -> list[ClientRepo
 def pools(proxy: Proxy, now: float) -> list[PoolReport]:
     """Every pool, by database then user, with its clients and servers counted by state."""
     client_counts: dict[object, dict[str, int]] = {}
+    holds: dict[object, float] = {}
     for client in proxy.clients:
         if client.pool is None:
             continue
+        key = client.pool.key
         report = client_report(client, now)
-        counts = client_counts.setdefault(client.pool.key, dict.fromkeys(CLIENT_STATES[:-1], 0))
+        counts = client_counts.setdefault(key, dict.fromkeys(CLIENT_STATES[:-1], 0))
         counts[report.state] = counts.get(report.state, 0) + 1
+        if report.holding_for is not None:
+            holds[key] = max(holds.get(key, 0.0), report.holding_for)
     out = []
     for key, pool in sorted(proxy.pools.items(), key=lambda kv: (kv[0].database, kv[0].user)):
         oldest = next(iter(pool.waiters.values()), None)
@@ -225,6 +230,7 @@ def pools(proxy: Proxy, now: float) -> list[PoolReport]:
                     SERVER_LOGIN: pool.connecting,
                 },
                 longest_wait=0.0 if oldest is None else now - oldest,
+                longest_hold=holds.get(key, 0.0),
                 paused=proxy.is_paused(key.database),
                 stats=pool.stats,
                 statements=pool.statement_counts,

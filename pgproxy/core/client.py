@@ -20,7 +20,7 @@ _BIND = FrontendCode.BIND
 # Unnamed Parse bodies up to this size are kept for replay (the scanner keeps 1 MiB).
 REPLAY_LIMIT = 1 << 20
 # Bytes of the last statement kept for reports (they show much less).
-STATEMENT_KEEP = 4096
+STATEMENT_KEEP = 1024
 
 
 def uses_unnamed_statement_first(msgs: list[tuple[int, bytes, int]]) -> bool:

@@ -35,6 +35,7 @@ POOL_GAUGES = (
     "pgproxy_pool_min_size",
     "pgproxy_pool_paused",
     "pgproxy_longest_wait_seconds",
+    "pgproxy_longest_hold_seconds",
     "pgproxy_idle_in_transaction_longest_seconds",
 )
 POOL_COUNTERS = (

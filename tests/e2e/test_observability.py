@@ -67,6 +67,7 @@ def test_an_idle_transaction_shows_in_metrics_and_console_until_it_is_ended(
         "the idle transaction in /metrics",
     )
     assert s.value("pgproxy_clients", **APP, state="idle_in_transaction") == 1
+    assert (s.value("pgproxy_longest_hold_seconds", **APP) or 0) > 0
     assert s.value("pgproxy_servers", **APP, state="active") == 1
     with console(proxy) as admin:
         leaks = rows(admin, "SHOW LEAKS")

@@ -130,6 +130,7 @@ class FakeProxy:
     quiet_after: int = 0  # paused_and_quiet answers True from this call on
     quiet_calls: int = 0
     killable: set[int] = field(default_factory=set)
+    started_at: float = 40.0  # 60 s before now()
 
     def now(self) -> float:
         return 100.0

@@ -157,6 +157,7 @@ def pool_report(database: str = "app", user: str = "app", **overrides: object) -
         "clients": {"active": 1, "waiting": 2, "idle_in_transaction": 1, "idle": 7},
         "servers": {"active": 2, "idle": 1, "resetting": 0, "login": 1},
         "longest_wait": 1.5,
+        "longest_hold": 4.0,
         "paused": False,
         "stats": PoolStats(),
         "statements": StatementCounts(),
@@ -214,6 +215,7 @@ def test_pool_state_becomes_labelled_gauges():
     assert samples[("pgproxy_pool_min_size", pool)] == 1
     assert samples[("pgproxy_pool_paused", pool)] == 1
     assert samples[("pgproxy_longest_wait_seconds", pool)] == 1.5
+    assert samples[("pgproxy_longest_hold_seconds", pool)] == 4.0
     assert samples[("pgproxy_idle_in_transaction_longest_seconds", pool)] == 4.25
 
 
