@@ -33,8 +33,10 @@ unit: setup
 e2e: setup other-drivers
 	$(PY) -m pytest -q tests/e2e
 
+# The issue's whole matrix (~55 min on 2 cores): writes bench/RESULTS.md and bench/results.png.
 bench: setup pgbouncer
-	$(PY) bench/run.py
+	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) bench/run.py --all
 
 setup: system-packages $(STAMP)
 

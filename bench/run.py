@@ -1,14 +1,17 @@
-"""pgbench through pgproxy, through PgBouncer and straight to PostgreSQL, in one run.
+"""pgproxy against PgBouncer and straight PostgreSQL, in one run, written up as markdown.
 
+    .venv/bin/python bench/run.py --all                  # the issue's whole matrix (make bench)
     .venv/bin/python bench/run.py [--clients 50,200,1000] [--rounds 3] [--duration 15]
-                                  [--pool-size 20] [--workloads select-simple,tpcb-prepared]
-                                  [--out bench/RESULTS.md] [--quick]
+                                  [--workloads select-simple,storm|all|none] [--targets …]
+                                  [--large] [--idle [--idle-clients 10000]] [--syscalls]
+                                  [--out bench/RESULTS.md] [--plot PATH | --no-plot] [--quick]
 
-The machines we run on are shared and noisy, so absolute numbers mean little: what this
-script reports are ratios between targets measured side by side. To keep the noise fair,
-every round runs each workload and client count against every target, in an order rotated
-from one measurement block to the next, and the poolers stay up for the whole run so that one
-measurement is exactly one pgbench run.
+Sections, in the order they run: pgbench rounds (workloads x client counts x targets,
+interleaved and rotated; `pgbench_rounds.py`), system calls per transaction
+(`syscall_count.py`, on the same poolers), a large result to a fast and a slow client
+(`large_result.py`) and thousands of idle clients (`idle_clients.py`), each of the last two
+on freshly started targets. The machines we run on are shared and noisy, so absolute
+numbers mean little: the report leads with ratios between targets measured side by side.
 
 Everything started here (a throw-away cluster, PgBouncer, pgproxy) is stopped again on
 exit, Ctrl-C or error.
@@ -17,651 +20,84 @@ exit, Ctrl-C or error.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as dt
 import os
-import platform
-import pwd
-import re
-import resource
 import shlex
 import shutil
 import signal
-import socket
-import statistics
 import subprocess
 import sys
-import tempfile
-import threading
-import time
-import urllib.request
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pgproxy.localpg import PG_OS_USER, Credentials, LocalPostgres, free_port
+import idle_clients
+import large_result
+import pgbench_rounds
+import plot_results
+import report
+import syscall_count
+from large_result import LargeRead
+from pgbench_rounds import WORKLOADS, Rounds
+from targets import (
+    BENCH,
+    POOLERS,
+    REPO,
+    TARGET_NAMES,
+    PoolerConfig,
+    Target,
+    raise_fd_limit,
+    running_targets,
+    version_of,
+    workspace,
+)
 
-REPO = Path(__file__).resolve().parent.parent
-BENCH = Credentials(user="bench", password="bench-secret", database="bench")
-HOST = "127.0.0.1"
-# How long a pooler may take to accept TCP connections after it was spawned.
-START_TIMEOUT = 15.0
-# pgbench connects every client before it starts the clock; 1000 SCRAM logins on two
-# cores take a while, and a wedged target must not hang the whole run.
-PGBENCH_GRACE = 120.0
-# Prometheus scrapes every 15-60 s; once a second makes any cost of /metrics visible.
-SCRAPE_INTERVAL = 1.0
+from pgproxy.localpg import LocalPostgres
 
-
-@dataclass(frozen=True, slots=True)
-class Workload:
-    """A pgbench script and query protocol; `pgbench_args` go before the common options."""
-
-    name: str
-    pgbench_args: tuple[str, ...]
-    description: str
-
-
-WORKLOADS: dict[str, Workload] = {
-    w.name: w
-    for w in (
-        Workload("select-simple", ("-S", "-M", "simple"), "select-only, simple protocol"),
-        Workload("select-extended", ("-S", "-M", "extended"), "select-only, extended protocol"),
-        Workload(
-            "select-prepared",
-            ("-S", "-M", "prepared"),
-            "select-only, extended protocol with named prepared statements",
-        ),
-        Workload("tpcb-simple", ("-M", "simple"), "TPC-B-like, simple protocol"),
-        Workload("tpcb-extended", ("-M", "extended"), "TPC-B-like, extended protocol"),
-        Workload(
-            "tpcb-prepared",
-            ("-M", "prepared"),
-            "TPC-B-like, extended protocol with named prepared statements",
-        ),
-    )
-}
-
-
-@dataclass
-class Target:
-    """Somewhere pgbench can point at; `process` is None for direct PostgreSQL."""
-
-    name: str
-    port: int
-    process: subprocess.Popen[bytes] | None = None
-    # Why the target is not measured (it failed to start), shown in the report.
-    skipped: str | None = None
-    # Where its /metrics is: scraped every SCRAPE_INTERVAL during each measurement.
-    metrics_port: int | None = None
-
-
-@dataclass
-class Measurement:
-    target: str
-    workload: str
-    clients: int
-    round: int
-    tps: float = 0.0
-    latency_ms: float = 0.0
-    # pgbench's "initial connection time": all clients logging in, before the clock runs.
-    connect_ms: float = 0.0
-    transactions: int = 0
-    # Pooler CPU seconds spent during the pgbench run; None for direct.
-    cpu_seconds: float | None = None
-    # /metrics scrapes done during the run, and their mean duration.
-    scrapes: int = 0
-    scrape_ms: float = 0.0
-    error: str | None = None
-
-    @property
-    def cpu_per_1000_tx(self) -> float | None:
-        if self.cpu_seconds is None or self.transactions == 0:
-            return None
-        return self.cpu_seconds / self.transactions * 1000
+# Rough costs for the up-front estimate, measured on the 2-core bench machine (seconds).
+SETUP_SECONDS = 10.0  # initdb, start, users
+PGBENCH_INIT_SECONDS_PER_SCALE = 1.0
+TARGET_START_SECONDS = 2.0
+# pgbench start and exit around -T; 1000 clients take a while to say goodbye.
+PGBENCH_RUN_OVERHEAD = 1.5
+LARGE_TABLE_SECONDS_PER_MILLION = 4.0
+FAST_READ_SECONDS = 1.5
+IDLE_LOGINS_PER_SECOND = 5000.0
 
 
 @dataclass
 class Run:
+    """Everything measured, for the report."""
+
     args: argparse.Namespace
-    clients: list[int]
-    pg_version: str = ""
-    pgbouncer_version: str = "not installed"
-    pgbench_version: str = ""
-    targets: list[Target] = field(default_factory=list)
-    measurements: list[Measurement] = field(default_factory=list)
-    started_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
-
-
-# -- processes -------------------------------------------------------------------------
-
-
-def raise_fd_limit() -> None:
-    """1000 clients need more than the usual 1024 descriptors; children inherit this."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or hard > soft:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def tail(path: Path, lines: int = 15) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").strip().splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-def wait_for_port(port: int, process: subprocess.Popen[bytes], timeout: float) -> bool:
-    """Poll a TCP connect until it succeeds, the process exits, or the deadline passes."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            return False
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
-            return True
-        time.sleep(0.05)
-    return False
-
-
-def stop_process(process: subprocess.Popen[bytes] | None) -> None:
-    if process is None or process.poll() is not None:
-        return
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of `pid` and all its live descendants (a pooler may fork workers)."""
-    parents: dict[int, int] = {}
-    ticks: dict[int, int] = {}
-    for stat_path in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            stat = stat_path.read_text()
-        except OSError:
-            continue  # exited while we looked
-        # The command name in (…) may hold spaces; the numeric fields follow the last ")".
-        fields = stat[stat.rindex(")") + 2 :].split()
-        child = int(stat_path.parent.name)
-        parents[child] = int(fields[1])
-        ticks[child] = int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-    tree, frontier = {pid}, [pid]
-    while frontier:
-        parent = frontier.pop()
-        for child, ppid in parents.items():
-            if ppid == parent and child not in tree:
-                tree.add(child)
-                frontier.append(child)
-    return sum(ticks.get(p, 0) for p in tree) / os.sysconf("SC_CLK_TCK")
-
-
-def postgres_os_user() -> str | None:
-    """Whom to run PgBouncer as: like PostgreSQL, it refuses to run as root."""
-    return PG_OS_USER if os.geteuid() == 0 else None
-
-
-def chown_to_postgres(path: Path) -> None:
-    if os.geteuid() == 0:
-        entry = pwd.getpwnam(PG_OS_USER)
-        os.chown(path, entry.pw_uid, entry.pw_gid)
-
-
-def version_of(command: Sequence[str]) -> str:
-    try:
-        result = subprocess.run(command, capture_output=True, text=True, check=False)
-    except OSError as exc:
-        return f"unknown ({exc})"
-    return (result.stdout or result.stderr).strip().splitlines()[0]
-
-
-# -- targets ---------------------------------------------------------------------------
-
-
-def start_pgbouncer(
-    workdir: Path, pg: LocalPostgres, pool_size: int, max_client_conn: int
-) -> Target:
-    port = free_port(HOST)
-    (workdir / "userlist.txt").write_text(f'"{BENCH.user}" "{BENCH.password}"\n')
-    (workdir / "pgbouncer.ini").write_text(
-        "[databases]\n"
-        f"{BENCH.database} = host={pg.host} port={pg.port} dbname={BENCH.database}\n"
-        "\n[pgbouncer]\n"
-        f"listen_addr = {HOST}\n"
-        f"listen_port = {port}\n"
-        # No Unix socket: it would land in /var/run/postgresql and pgbench uses TCP anyway.
-        "unix_socket_dir =\n"
-        "auth_type = scram-sha-256\n"
-        f"auth_file = {workdir / 'userlist.txt'}\n"
-        "pool_mode = transaction\n"
-        f"default_pool_size = {pool_size}\n"
-        f"max_client_conn = {max_client_conn}\n"
-        # 1000 clients connect at once; the default backlog of 128 turns that into SYN retries.
-        "listen_backlog = 4096\n"
-        # Per-connection log lines cost CPU that pgproxy does not spend either.
-        "log_connections = 0\n"
-        "log_disconnections = 0\n"
-    )
-    for name in ("userlist.txt", "pgbouncer.ini"):
-        chown_to_postgres(workdir / name)
-    log = workdir / "pgbouncer.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            ["pgbouncer", str(workdir / "pgbouncer.ini")],
-            cwd=workdir,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            # Own session: Ctrl-C reaches us only, and we stop the pooler in order.
-            start_new_session=True,
-            # Popen switches user in the child before exec, so its pid is PgBouncer itself
-            # (runuser would stay in between as the parent): /proc CPU and signals just work.
-            user=postgres_os_user(),
-            group=postgres_os_user(),
-            extra_groups=[] if postgres_os_user() else None,
-        )
-    target = Target("pgbouncer", port, process)
-    if not wait_for_port(port, process, START_TIMEOUT):
-        stop_process(process)
-        target.skipped = f"pgbouncer failed to start: {tail(log)}"
-    return target
-
-
-def start_pgproxy(
-    workdir: Path,
-    pg: LocalPostgres,
-    pool_size: int,
-    max_client_conn: int,
-    *,
-    metrics: bool = True,
-) -> Target:
-    """pgproxy with its metrics endpoint and server monitor (scraped while measured), or
-    without either (`pgproxy-nometrics`): the pair shows what observability costs."""
-    port = free_port(HOST)
-    metrics_port = free_port(HOST) if metrics else None
-    name = "pgproxy" if metrics else "pgproxy-nometrics"
-    command = [
-        sys.executable, "-m", "pgproxy",
-        "--listen", f"{HOST}:{port}",
-        "--server", f"{pg.host}:{pg.port}",
-        "--user", f"{BENCH.user}:{BENCH.password}",
-        "--default-pool-size", str(pool_size),
-        "--pool-mode", "transaction",
-        "--max-client-conn", str(max_client_conn),
-        "--metrics-listen", f"{HOST}:{metrics_port}" if metrics_port else "",
-        *([] if metrics else ["--monitor-interval", "0"]),
-    ]  # fmt: skip
-    log = workdir / f"{name}.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            stdin=subprocess.DEVNULL,
-            stdout=log_file,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    target = Target(name, port, process, metrics_port=metrics_port)
-    if not wait_for_port(port, process, START_TIMEOUT):
-        stop_process(process)
-        target.skipped = f"{name} failed to start: {tail(log) or '(no output)'}"
-    return target
-
-
-class Scraper(threading.Thread):
-    """GETs /metrics every SCRAPE_INTERVAL seconds until stopped, timing each scrape."""
-
-    def __init__(self, port: int) -> None:
-        super().__init__(daemon=True)
-        self.url = f"http://{HOST}:{port}/metrics"
-        self.stopped = threading.Event()
-        self.durations: list[float] = []
-
-    def run(self) -> None:
-        while not self.stopped.wait(SCRAPE_INTERVAL):
-            started = time.monotonic()
-            with contextlib.suppress(OSError), urllib.request.urlopen(self.url, timeout=5) as r:
-                r.read()
-                self.durations.append(time.monotonic() - started)
-
-
-# -- pgbench ---------------------------------------------------------------------------
-
-
-def pgbench_env() -> dict[str, str]:
-    # sslmode=disable: Postgres and both poolers run without TLS here; skipping the
-    # SSLRequest round trip keeps connection setup identical for every target.
-    return {**os.environ, "PGPASSWORD": BENCH.password, "PGSSLMODE": "disable"}
-
-
-def pgbench_args(port: int) -> list[str]:
-    return ["-h", HOST, "-p", str(port), "-U", BENCH.user]
-
-
-def parse_pgbench(output: str, measurement: Measurement) -> None:
-    tps = re.search(
-        # PostgreSQL 14+ says "without initial connection time", older versions "excluding…".
-        r"^tps = ([\d.]+) \((?:without initial connection time|excluding connections"
-        r" establishing)\)",
-        output,
-        re.MULTILINE,
-    )
-    latency = re.search(r"^latency average = ([\d.]+) ms", output, re.MULTILINE)
-    processed = re.search(r"^number of transactions actually processed: (\d+)", output, re.M)
-    failed = re.search(r"^number of failed transactions: (\d+)", output, re.MULTILINE)
-    connect = re.search(r"^initial connection time = ([\d.]+) ms", output, re.MULTILINE)
-    if processed is not None and int(processed.group(1)) == 0:
-        # -T counts from before the logins: with many clients they can eat the whole run.
-        measurement.error = "no transaction completed; logins may take longer than --duration"
-        return
-    if tps is None or latency is None or processed is None:
-        last_lines = " / ".join(output.strip().splitlines()[-3:])
-        measurement.error = f"could not parse pgbench output: {last_lines}"
-        return
-    if connect is not None:
-        measurement.connect_ms = float(connect.group(1))
-    measurement.tps = float(tps.group(1))
-    measurement.latency_ms = float(latency.group(1))
-    measurement.transactions = int(processed.group(1))
-    if failed is not None and int(failed.group(1)) > 0:
-        measurement.error = f"{failed.group(1)} failed transactions"
-
-
-def measure(
-    pgbench: str, target: Target, workload: Workload, clients: int, round_no: int, duration: int
-) -> Measurement:
-    measurement = Measurement(target.name, workload.name, clients, round_no)
-    command = [
-        pgbench, *workload.pgbench_args, "-n",
-        "-c", str(clients), "-j", str(min(2, clients)), "-T", str(duration),
-        *pgbench_args(target.port), BENCH.database,
-    ]  # fmt: skip
-    pid = target.process.pid if target.process is not None else None
-    cpu_before = cpu_seconds(pid) if pid is not None else 0.0
-    scraper = Scraper(target.metrics_port) if target.metrics_port else None
-    if scraper is not None:
-        scraper.start()
-    try:
-        result = subprocess.run(
-            command,
-            env=pgbench_env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=duration + PGBENCH_GRACE,
-            check=False,
-        )
-    except subprocess.TimeoutExpired:
-        measurement.error = f"pgbench did not finish within {duration + PGBENCH_GRACE:.0f} s"
-        return measurement
-    finally:
-        if scraper is not None:
-            scraper.stopped.set()
-            scraper.join(10)
-            measurement.scrapes = len(scraper.durations)
-            if scraper.durations:
-                measurement.scrape_ms = statistics.mean(scraper.durations) * 1000
-    if pid is not None:
-        measurement.cpu_seconds = cpu_seconds(pid) - cpu_before
-    parse_pgbench(result.stdout, measurement)
-    if result.returncode != 0:
-        stderr = "\n".join(result.stderr.strip().splitlines()[-5:])
-        measurement.error = f"pgbench exit {result.returncode}: {stderr}"
-    return measurement
-
-
-def warm_up(pgbench: str, target: Target, clients: int, duration: int) -> None:
-    """Fill the pooler's server pool so the first measured run does not pay for it."""
-    command = [
-        pgbench, "-S", "-n", "-c", str(clients), "-T", str(duration),
-        *pgbench_args(target.port), BENCH.database,
-    ]  # fmt: skip
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        subprocess.run(
-            command,
-            env=pgbench_env(),
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=duration + PGBENCH_GRACE,
-            check=False,
-        )
-
-
-# -- report ----------------------------------------------------------------------------
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown"
-
-
-def git_revision() -> str:
-    def git(*args: str) -> str:
-        result = subprocess.run(
-            ["git", *args], cwd=REPO, capture_output=True, text=True, check=False
-        )
-        return result.stdout.strip()
-
-    revision = git("rev-parse", "--short", "HEAD") or "unknown"
-    return revision + (" (uncommitted changes)" if git("status", "--porcelain") else "")
-
-
-def fmt(value: float | None, digits: int = 0) -> str:
-    return "—" if value is None else f"{value:,.{digits}f}"
-
-
-def ratio(numerator: float | None, denominator: float | None) -> str:
-    if numerator is None or not denominator:
-        return "—"
-    return f"{numerator / denominator:.2f}"
-
-
-def median_of(values: list[float]) -> float | None:
-    return statistics.median(values) if values else None
-
-
-def summary(run: Run, workload: str, target: str, clients: int) -> dict[str, float | None]:
-    good = [
-        m
-        for m in run.measurements
-        if m.workload == workload
-        and m.target == target
-        and m.clients == clients
-        and m.error is None
-    ]
-    tps = [m.tps for m in good]
-    cpu = [c for m in good if (c := m.cpu_per_1000_tx) is not None]
-    return {
-        "runs": len(good),
-        "tps": median_of(tps),
-        "tps_min": min(tps, default=None),
-        "tps_max": max(tps, default=None),
-        "latency": median_of([m.latency_ms for m in good]),
-        "connect": median_of([m.connect_ms for m in good]),
-        "cpu": median_of(cpu),
-    }
-
-
-def render(run: Run) -> str:
-    args = run.args
-    lines = [
-        "# pgproxy benchmark: pgbench through pgproxy, PgBouncer and direct",
-        "",
-        f"Run at {run.started_at:%Y-%m-%d %H:%M} UTC on git {git_revision()}.",
-        "",
-        "| machine | |",
-        "|---|---|",
-        f"| CPUs | {os.cpu_count()} x {cpu_model()} |",
-        f"| load average at start | {' '.join(f'{x:.2f}' for x in os.getloadavg())} |",
-        f"| kernel | {platform.system()} {platform.release()} |",
-        f"| Python | {platform.python_version()} ({platform.python_implementation()}) |",
-        f"| PostgreSQL | {run.pg_version} |",
-        f"| PgBouncer | {run.pgbouncer_version} |",
-        f"| pgbench | {run.pgbench_version} |",
-        "",
-        "Command:",
-        "",
-        "```",
-        shlex.join([os.path.relpath(sys.executable, Path.cwd()), *sys.argv]),
-        "```",
-        "",
-        f"Workloads, each `pgbench <flags> -n -c <clients> -j 2 -T {args.duration}` "
-        f"(`-j 1` for a single client) on a scale-{args.scale} database:",
-        "",
-        *(f"- `{w.name}`: `{shlex.join(w.pgbench_args)}`, {w.description}" for w in args.workloads),
-        "",
-        f"{args.rounds} round(s), each running every workload and client count against every "
-        "target in a rotated order. Poolers: transaction "
-        f"pooling, pool size {args.pool_size}, SCRAM-SHA-256 for clients and server, up for "
-        "the whole run. tps excludes pgbench's initial connection time; pooler CPU is "
-        "utime+stime of the pooler process (and children) over the whole pgbench run, client "
-        "logins included. `-T` counts from before the logins, so with many clients the "
-        "measured part of each run is shorter by the initial connection time. Medians over "
-        "rounds; compare ratios, not absolute numbers.",
-        "",
-    ]
-    skipped = [t for t in run.targets if t.skipped]
-    for target in skipped:
-        lines += [f"**{target.name} not measured**:", "", "```", target.skipped or "", "```", ""]
-    measured = [t.name for t in run.targets if not t.skipped]
-    for workload in args.workloads:
-        lines += render_workload(run, workload, measured)
-    if "pgproxy" in measured:
-        lines += render_prepared_vs_extended(run)
-    if "pgproxy" in measured and "pgproxy-nometrics" in measured:
-        lines += render_metrics_cost(run)
-    failures = [m for m in run.measurements if m.error is not None]
-    if failures:
-        lines += ["## Failed runs", ""]
-        lines += [
-            f"- round {m.round}, {m.workload}, {m.clients} clients, {m.target}: "
-            + (m.error or "").replace("\n", " / ")
-            for m in failures
-        ]
-    return "\n".join(lines).rstrip("\n") + "\n"
-
-
-def render_workload(run: Run, workload: Workload, measured: list[str]) -> list[str]:
-    """One workload's per-client-count tables and its ratio table."""
-    name = workload.name
-    lines = [
-        f"## {name}",
-        "",
-        f"`pgbench {shlex.join(workload.pgbench_args)}`: {workload.description}.",
-        "",
-    ]
-    for clients in run.clients:
-        lines += [
-            f"### {clients} clients",
-            "",
-            "| target | tps (median) | tps min-max | latency avg ms | pooler CPU s / 1000 tx "
-            "| initial connection ms | runs ok |",
-            "|---|---:|---:|---:|---:|---:|---:|",
-        ]
-        for target in measured:
-            s = summary(run, name, target, clients)
-            tps_range = "—" if s["runs"] == 0 else f"{fmt(s['tps_min'])}-{fmt(s['tps_max'])}"
-            lines.append(
-                f"| {target} | {fmt(s['tps'])} | {tps_range} "
-                f"| {fmt(s['latency'], 3)} | {fmt(s['cpu'], 3)} | {fmt(s['connect'])} "
-                f"| {fmt(s['runs'])}/{run.args.rounds} |"
-            )
-        lines.append("")
-    lines += [
-        "### Ratios (medians)",
-        "",
-        "| clients | pgproxy / PgBouncer tps | pgproxy / PgBouncer CPU per tx "
-        "| pgproxy / direct tps | PgBouncer / direct tps |",
-        "|---:|---:|---:|---:|---:|",
-    ]
-    for clients in run.clients:
-        # A target with no good run (not measured, or every run failed) gives None: "—".
-        proxy = summary(run, name, "pgproxy", clients)
-        bouncer = summary(run, name, "pgbouncer", clients)
-        direct = summary(run, name, "direct", clients)
-        lines.append(
-            f"| {clients} | {ratio(proxy['tps'], bouncer['tps'])} "
-            f"| {ratio(proxy['cpu'], bouncer['cpu'])} | {ratio(proxy['tps'], direct['tps'])} "
-            f"| {ratio(bouncer['tps'], direct['tps'])} |"
-        )
-    lines.append("")
-    return lines
-
-
-def render_metrics_cost(run: Run) -> list[str]:
-    """pgproxy with /metrics scraped every second (and its monitor) against pgproxy without."""
-    lines = [
-        "## Cost of observability (pgproxy)",
-        "",
-        f"`pgproxy` serves /metrics, scraped every {SCRAPE_INTERVAL:g} s during each run, and "
-        "reads pg_stat_activity every 5 s; `pgproxy-nometrics` has both off.",
-        "",
-        "| workload | clients | tps with | tps without | with / without tps "
-        "| CPU per tx with / without | scrapes per run | mean scrape ms |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for workload in run.args.workloads:
-        for clients in run.clients:
-            on = summary(run, workload.name, "pgproxy", clients)
-            off = summary(run, workload.name, "pgproxy-nometrics", clients)
-            scraped = [
-                m
-                for m in run.measurements
-                if m.workload == workload.name
-                and m.target == "pgproxy"
-                and m.clients == clients
-                and m.error is None
-            ]
-            scrapes = median_of([float(m.scrapes) for m in scraped])
-            scrape_ms = median_of([m.scrape_ms for m in scraped if m.scrapes])
-            lines.append(
-                f"| {workload.name} | {clients} | {fmt(on['tps'])} | {fmt(off['tps'])} "
-                f"| {ratio(on['tps'], off['tps'])} | {ratio(on['cpu'], off['cpu'])} "
-                f"| {fmt(scrapes)} | {fmt(scrape_ms, 1)} |"
-            )
-    lines.append("")
-    return lines
-
-
-def render_prepared_vs_extended(run: Run) -> list[str]:
-    """pgproxy with named prepared statements against unnamed ones, per script."""
-    names = {w.name for w in run.args.workloads}
-    scripts = [s for s in ("select", "tpcb") if {f"{s}-extended", f"{s}-prepared"} <= names]
-    if not scripts:
-        return []
-    lines = [
-        "## Prepared vs extended (pgproxy)",
-        "",
-        "| script | clients | extended tps | prepared tps | prepared / extended tps "
-        "| extended CPU s / 1000 tx | prepared CPU s / 1000 tx |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for script in scripts:
-        for clients in run.clients:
-            extended = summary(run, f"{script}-extended", "pgproxy", clients)
-            prepared = summary(run, f"{script}-prepared", "pgproxy", clients)
-            lines.append(
-                f"| {script} | {clients} | {fmt(extended['tps'])} | {fmt(prepared['tps'])} "
-                f"| {ratio(prepared['tps'], extended['tps'])} | {fmt(extended['cpu'], 3)} "
-                f"| {fmt(prepared['cpu'], 3)} |"
-            )
-    lines.append("")
-    return lines
-
-
-# -- main ------------------------------------------------------------------------------
+    rounds: Rounds
+    machine: report.Machine
+    # Per section, the targets that ran in it (not skipped).
+    measured: dict[str, list[str]] = field(default_factory=dict)
+    # Target name → why it could not be measured (in any section).
+    skipped: dict[str, str] = field(default_factory=dict)
+    syscalls: list[syscall_count.SyscallCount] = field(default_factory=list)
+    syscall_tool_note: str = ""
+    large: list[LargeRead] = field(default_factory=list)
+    idle: list[idle_clients.IdleResult] = field(default_factory=list)
+    plot_note: str = ""
+
+
+# -- options ---------------------------------------------------------------------------
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument(
+        "--all",
+        action="store_true",
+        help="the issue's whole matrix: every workload (storm included) at 50,200,1000 "
+        "clients, 3 rounds, plus --large, --idle and --syscalls, report to bench/RESULTS.md",
+    )
     parser.add_argument("--clients", help="comma-separated client counts (default 50,200,1000)")
     parser.add_argument("--rounds", type=int, help="rounds over all client counts (default 3)")
     parser.add_argument("--duration", type=int, help="seconds per pgbench run (default 15)")
-    parser.add_argument("--pool-size", type=int, default=20, help="pooler pool size")
+    parser.add_argument("--pool-size", type=int, default=20, help="pooler pool size (default 20)")
     parser.add_argument("--scale", type=int, help="pgbench -i scale (default 10)")
     parser.add_argument(
         "--targets",
@@ -671,151 +107,351 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument(
         "--workloads",
-        default="select-simple",
-        help=f"comma-separated subset of {','.join(WORKLOADS)} (default select-simple)",
+        help=f"comma-separated subset of {','.join(WORKLOADS)}; 'all'; or 'none' to run only "
+        "the other sections (default select-simple, all with --all)",
     )
     parser.add_argument("--out", type=Path, help="markdown report (default bench/RESULTS.md)")
     parser.add_argument(
+        "--plot",
+        type=Path,
+        help="PNG of tps and CPU per transaction vs clients (default: beside --out, named "
+        "after it: RESULTS.md → results.png)",
+    )
+    parser.add_argument("--no-plot", action="store_true", help="do not draw the plot")
+    parser.add_argument(
         "--quick",
         action="store_true",
-        help="smoke test: 10,50 clients, 1 round of 3 s, scale 1; report to bench/out/",
+        help="smoke test: 10,50 clients, 1 round of 3 s, scale 1, one large-result "
+        "repetition; report to bench/out/",
+    )
+    large = parser.add_argument_group("large result")
+    large.add_argument("--large", action="store_true", help="run the large-result section")
+    large.add_argument(
+        "--large-rows", type=int, default=1_000_000, help="rows, ~100 B each (default 1,000,000)"
+    )
+    large.add_argument("--large-reps", type=int, help="repetitions (default 3, 1 with --quick)")
+    large.add_argument(
+        "--slow-rate", type=float, default=10.0, help="MB/s the slow client reads at (default 10)"
+    )
+    idle = parser.add_argument_group("idle clients")
+    idle.add_argument("--idle", action="store_true", help="run the idle-clients section")
+    idle.add_argument(
+        "--idle-clients", type=int, default=10_000, help="idle clients per pooler (default 10,000)"
+    )
+    syscalls = parser.add_argument_group("system calls")
+    syscalls.add_argument(
+        "--syscalls", action="store_true", help="count each pooler's system calls per tx"
+    )
+    syscalls.add_argument(
+        "--syscall-tool",
+        choices=("auto", "perf", "strace"),
+        default="auto",
+        help="auto: perf stat where it works, else strace -c -f",
+    )
+    syscalls.add_argument(
+        "--syscall-clients", type=int, default=50, help="pgbench clients (default 50)"
+    )
+    syscalls.add_argument(
+        "--syscall-duration", type=int, default=5, help="seconds traced (default 5)"
     )
     args = parser.parse_args(argv)
+    resolve_defaults(parser, args)
+    return args
+
+
+def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Fill what --all and --quick imply; explicit flags win over both."""
     quick = args.quick
-    # Explicit flags win over --quick's smaller defaults.
+    if args.all:
+        args.large = args.idle = args.syscalls = True
     args.clients = args.clients or ("10,50" if quick else "50,200,1000")
     args.rounds = args.rounds or (1 if quick else 3)
     args.duration = args.duration or (3 if quick else 15)
     args.scale = args.scale or (1 if quick else 10)
+    args.large_reps = args.large_reps or (1 if quick else 3)
     args.out = args.out or REPO / "bench" / ("out/RESULTS-quick.md" if quick else "RESULTS.md")
-    args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
-    unknown = set(args.targets) - {"direct", "pgbouncer", "pgproxy", "pgproxy-nometrics"}
+    args.plot = (
+        None if args.no_plot else args.plot or args.out.with_name(args.out.stem.lower() + ".png")
+    )
+    try:
+        args.clients = sorted({int(c) for c in args.clients.split(",") if c.strip()})
+    except ValueError:
+        parser.error(f"--clients: not a comma-separated list of numbers: {args.clients}")
+    args.targets = list(dict.fromkeys(t.strip() for t in args.targets.split(",") if t.strip()))
+    unknown = set(args.targets) - set(TARGET_NAMES)
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
+    args.workloads = [WORKLOADS[w] for w in parse_workloads(parser, args)]
+    if not (args.workloads or args.large or args.idle or args.syscalls):
+        parser.error("nothing to run: --workloads none and no --large, --idle or --syscalls")
+
+
+def parse_workloads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    text = args.workloads or ("all" if args.all else "select-simple")
+    if text.strip() == "all":
+        return list(WORKLOADS)
+    if text.strip() == "none":
+        return []
     # dict.fromkeys: drop repeats, keep the order given.
-    workloads = list(dict.fromkeys(w.strip() for w in args.workloads.split(",") if w.strip()))
-    unknown_workloads = [w for w in workloads if w not in WORKLOADS]
-    if unknown_workloads:
+    names = list(dict.fromkeys(w.strip() for w in text.split(",") if w.strip()))
+    unknown = [w for w in names if w not in WORKLOADS]
+    if unknown:
         parser.error(
-            f"unknown workload(s): {', '.join(unknown_workloads)}; "
-            f"choose from {', '.join(WORKLOADS)}"
+            f"unknown workload(s): {', '.join(unknown)}; choose from {', '.join(WORKLOADS)}, "
+            "all or none"
         )
-    if not workloads:
-        parser.error("--workloads: no workload given")
-    args.workloads = [WORKLOADS[w] for w in workloads]
-    return args
+    if not names:
+        parser.error("--workloads: no workload given (use 'none' to skip pgbench)")
+    return names
 
 
-@contextlib.contextmanager
-def workspace() -> Iterator[Path]:
-    """A temporary directory the postgres OS user can read (PgBouncer's ini lives here)."""
-    path = Path(tempfile.mkdtemp(prefix="pgproxy-bench-"))
-    try:
-        chown_to_postgres(path)
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
+def pooler_names(args: argparse.Namespace) -> list[str]:
+    return [t for t in args.targets if t in POOLERS]
 
 
-def rotated(targets: list[Target], by: int) -> list[Target]:
-    shift = by % len(targets) if targets else 0
-    return targets[shift:] + targets[:shift]
+def warm_up_seconds(args: argparse.Namespace) -> int:
+    return 1 if args.quick else 3
+
+
+def estimate_seconds(args: argparse.Namespace) -> float:
+    """What the run should take on the 2-core bench machine; printed before it starts."""
+    targets = len(args.targets)
+    poolers = len(pooler_names(args))
+    total = SETUP_SECONDS + args.scale * PGBENCH_INIT_SECONDS_PER_SCALE
+    if args.workloads or args.syscalls:
+        total += targets * (TARGET_START_SECONDS + warm_up_seconds(args))
+    runs = args.rounds * len(args.workloads) * len(args.clients) * targets
+    total += runs * (args.duration + PGBENCH_RUN_OVERHEAD)
+    if args.syscalls:
+        total += poolers * (args.syscall_duration + syscall_count.ATTACH_SECONDS + 2)
+    if args.large:
+        slow_read = args.large_rows * large_result.BYTES_PER_ROW / (args.slow_rate * 1e6)
+        total += targets * TARGET_START_SECONDS
+        total += args.large_rows / 1e6 * LARGE_TABLE_SECONDS_PER_MILLION
+        total += args.large_reps * (targets * FAST_READ_SECONDS + poolers * (slow_read + 1))
+    if args.idle:
+        per_pooler = args.idle_clients / IDLE_LOGINS_PER_SECOND + 4 * idle_clients.SETTLE_SECONDS
+        total += poolers * (TARGET_START_SECONDS + per_pooler)
+    return total
+
+
+# -- sections --------------------------------------------------------------------------
+
+
+def prepare_database(pg: LocalPostgres, pgbench: str, args: argparse.Namespace) -> str:
+    """The bench user and database, pgbench's tables, the large table; returns the user's
+    SCRAM secret as pg_authid stores it (what both poolers authenticate clients with)."""
+    pg.create_user(BENCH.user, BENCH.password)
+    pg.create_database(BENCH.database, owner=BENCH.user)
+    if args.workloads or args.syscalls:
+        print(f"pgbench -i -s {args.scale} …", flush=True)
+        subprocess.run(
+            [pgbench, "-i", "-q", "-s", str(args.scale),
+             *pgbench_rounds.pgbench_args(pg.port), BENCH.database],
+            env=pgbench_rounds.pgbench_env(),
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            check=True,
+        )  # fmt: skip
+    if args.large:
+        print(f"creating {large_result.TABLE} ({args.large_rows:,} rows) …", flush=True)
+        large_result.create_table(pg, args.large_rows)
+    rows = pg.execute("SELECT rolpassword FROM pg_authid WHERE rolname = $1", BENCH.user)
+    secret: str = rows[0][0]
+    return secret
+
+
+def note_targets(run: Run, section: str, targets: Sequence[Target]) -> list[Target]:
+    """Record which targets ran in `section` and why others did not; return those that run."""
+    for target in targets:
+        if target.skipped:
+            run.skipped.setdefault(target.name, target.skipped)
+    active = [t for t in targets if not t.skipped]
+    run.measured[section] = [t.name for t in active]
+    return active
+
+
+def pgbench_section(
+    run: Run, pgbench: str, pg: LocalPostgres, workdir: Path, config: PoolerConfig
+) -> None:
+    """pgbench rounds, then the system-call counts on the same (warm) poolers."""
+    args = run.args
+    names = args.targets if args.workloads else pooler_names(args)
+    print("pgbench section:", flush=True)
+    with running_targets(names, workdir / "pgbench", pg, config) as targets:
+        active = note_targets(run, "pgbench", targets)
+        for target in active:
+            pgbench_rounds.warm_up(pgbench, target, args.pool_size, warm_up_seconds(args))
+        pgbench_rounds.run_rounds(pgbench, active, run.rounds)
+        if args.syscalls:
+            syscalls_section(run, pgbench, [t for t in active if t.pid is not None], workdir)
+
+
+def syscalls_section(run: Run, pgbench: str, poolers: Sequence[Target], workdir: Path) -> None:
+    args = run.args
+    tool, run.syscall_tool_note = syscall_count.pick_tool(args.syscall_tool)
+    if tool is None:
+        print(run.syscall_tool_note, flush=True)
+        return
+    for target in poolers:
+        result = syscall_count.count_syscalls(
+            pgbench, target, tool, args.syscall_clients, args.syscall_duration, workdir
+        )
+        run.syscalls.append(result)
+        print(
+            f"syscalls {target.name:<17} {report.fmt(result.per_transaction, 2)} per tx "
+            f"({tool}, {result.tps:,.0f} tps while traced)"
+            + (f"  ERROR: {result.error}" if result.error else ""),
+            flush=True,
+        )
+
+
+def large_section(run: Run, pg: LocalPostgres, workdir: Path, config: PoolerConfig) -> None:
+    args = run.args
+    print("large-result section (fresh targets):", flush=True)
+    with running_targets(args.targets, workdir / "large", pg, config) as targets:
+        active = note_targets(run, "large", targets)
+        run.large = large_result.run_large(active, args.large_rows, args.large_reps, args.slow_rate)
+
+
+def idle_section(run: Run, pg: LocalPostgres, workdir: Path, config: PoolerConfig) -> None:
+    args = run.args
+    names = pooler_names(args)
+    print(f"idle section (fresh poolers, {args.idle_clients:,} clients each):", flush=True)
+    # Room for the crowd, the first query and a margin.
+    crowd = PoolerConfig(config.pool_size, args.idle_clients + 100, config.scram_secret)
+    with running_targets(names, workdir / "idle", pg, crowd) as targets:
+        active = note_targets(run, "idle", targets)
+        run.idle = idle_clients.run_idle(active, args.idle_clients)
+
+
+# -- report ----------------------------------------------------------------------------
+
+
+def render(run: Run) -> str:
+    args = run.args
+    lines = report.header(run.machine, "pgproxy benchmark: pgproxy, PgBouncer and direct")
+    lines += [
+        f"Targets: {', '.join(args.targets)}. Poolers: transaction pooling, pool size "
+        f"{args.pool_size}, SCRAM-SHA-256 for clients with the user's secret as pg_authid "
+        "stores it (PgBouncer's auth_file; pgproxy's --user), and SCRAM pass-through to "
+        "PostgreSQL: no pooler runs PBKDF2 per client login.",
+        "",
+    ]
+    for name, reason in run.skipped.items():
+        lines += [f"**{name} not measured**:", "", "```", reason, "```", ""]
+    if args.workloads:
+        lines += pgbench_rounds.render(run.rounds, run.measured.get("pgbench", []))
+        lines += [run.plot_note, ""] if run.plot_note else []
+    if args.syscalls:
+        if run.syscalls:
+            lines += syscall_count.render(
+                run.syscalls, args.syscall_duration, run.syscall_tool_note
+            )
+        else:
+            lines += ["## System calls per transaction", "", run.syscall_tool_note, ""]
+    if args.large:
+        lines += large_result.render(
+            run.large, run.measured.get("large", []), args.large_rows, args.slow_rate
+        )
+    if args.idle:
+        lines += idle_clients.render(run.idle, args.idle_clients)
+    return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def draw_plot(run: Run) -> None:
+    path = run.args.plot
+    if path is None or not run.args.workloads:
+        return
+    problem = plot_results.plot(run.rounds, run.measured.get("pgbench", []), path)
+    if problem is not None:
+        run.plot_note = f"({problem}.)"
+    else:
+        relative = os.path.relpath(path, run.args.out.parent)
+        run.plot_note = f"![tps and pooler CPU per transaction vs clients]({relative})"
+    print(problem or f"plot written to {path}", flush=True)
+
+
+# -- main ------------------------------------------------------------------------------
+
+
+def tool_versions(pg: LocalPostgres, pgbench: str, args: argparse.Namespace) -> dict[str, str]:
+    versions = {
+        "PostgreSQL": version_of([str(pg.bindir / "postgres"), "--version"]),
+        "PgBouncer": version_of(["pgbouncer", "--version"])
+        if shutil.which("pgbouncer")
+        else "not installed",
+        "pgbench": version_of([pgbench, "--version"]),
+    }
+    if args.syscalls:
+        for tool in ("perf", "strace"):
+            if shutil.which(tool):
+                versions[tool] = version_of([tool, "--version"])
+    return versions
+
+
+def print_plan(args: argparse.Namespace) -> None:
+    sections = [
+        f"pgbench {','.join(w.name for w in args.workloads)} at "
+        f"{','.join(map(str, args.clients))} clients x {args.rounds} round(s) x "
+        f"{args.duration} s"
+        if args.workloads
+        else "",
+        "syscalls" if args.syscalls else "",
+        f"large result ({args.large_rows:,} rows x {args.large_reps})" if args.large else "",
+        f"{args.idle_clients:,} idle clients" if args.idle else "",
+    ]
+    print(
+        f"plan: {'; '.join(s for s in sections if s)}; targets {','.join(args.targets)}\n"
+        f"expected duration: about {estimate_seconds(args) / 60:.0f} min; "
+        f"report: {args.out}",
+        flush=True,
+    )
 
 
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
-    clients = sorted({int(c) for c in args.clients.split(",")})
-    run = Run(args=args, clients=clients)
-    raise_fd_limit()
-    # Turn SIGTERM into SystemExit so the finally blocks below stop everything we started.
+    print_plan(args)
+    # Our idle clients and the poolers serving them each need a descriptor per connection.
+    raise_fd_limit(args.idle_clients + 1000 if args.idle else 0)
+    # Turn SIGTERM into SystemExit so the finally blocks stop everything we started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-
+    most = max(args.clients, default=0) if args.workloads else 0
+    storm = any("-C" in w.pgbench_args for w in args.workloads)
+    poolers = len(pooler_names(args))
     pg = LocalPostgres(
-        # Direct runs need a backend per client; both pools stay connected meanwhile.
-        max_connections=max(clients) + 2 * args.pool_size + 20,
+        # Direct runs need a backend per client, and under -C the backends of closed
+        # connections linger a moment while new ones arrive; both pools stay connected.
+        max_connections=most * (2 if storm else 1) + poolers * args.pool_size + 50,
         settings={"shared_buffers": "128MB"},
     )
     pgbench = str(pg.bindir / "pgbench") if (pg.bindir / "pgbench").exists() else "pgbench"
-    run.pg_version = version_of([str(pg.bindir / "postgres"), "--version"])
-    run.pgbench_version = version_of([pgbench, "--version"])
-    has_pgbouncer = shutil.which("pgbouncer") is not None
-    if has_pgbouncer:
-        run.pgbouncer_version = version_of(["pgbouncer", "--version"])
-
+    started_at = dt.datetime.now(dt.UTC)
+    machine = report.Machine(started_at, report.load_average(), tool_versions(pg, pgbench, args))
+    run = Run(
+        args=args,
+        machine=machine,
+        rounds=Rounds(args.workloads, args.clients, args.rounds, args.duration, args.scale),
+    )
     with workspace() as workdir, pg:
         try:
-            print(f"PostgreSQL on port {pg.port}; pgbench -i -s {args.scale} …", flush=True)
-            pg.create_user(BENCH.user, BENCH.password)
-            pg.create_database(BENCH.database, owner=BENCH.user)
-            subprocess.run(
-                [
-                    pgbench,
-                    "-i",
-                    "-q",
-                    "-s",
-                    str(args.scale),
-                    *pgbench_args(pg.port),
-                    BENCH.database,
-                ],
-                env=pgbench_env(),
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                check=True,
-            )
-            max_client_conn = max(clients) + 100
-            for name in args.targets:
-                if name == "direct":
-                    run.targets.append(Target("direct", pg.port))
-                elif name == "pgbouncer" and has_pgbouncer:
-                    run.targets.append(
-                        start_pgbouncer(workdir, pg, args.pool_size, max_client_conn)
-                    )
-                elif name in ("pgproxy", "pgproxy-nometrics"):
-                    run.targets.append(
-                        start_pgproxy(
-                            workdir,
-                            pg,
-                            args.pool_size,
-                            max_client_conn,
-                            metrics=name == "pgproxy",
-                        )
-                    )
-            for target in run.targets:
-                status = target.skipped or f"listening on port {target.port}"
-                print(f"{target.name}: {status}", flush=True)
-            active = [t for t in run.targets if not t.skipped]
-            for target in active:
-                if target.process is not None:
-                    warm_up(pgbench, target, args.pool_size, 1 if args.quick else 3)
-
-            block = 0
-            for round_no in range(1, args.rounds + 1):
-                for workload in args.workloads:
-                    for count in clients:
-                        for target in rotated(active, block):
-                            m = measure(pgbench, target, workload, count, round_no, args.duration)
-                            run.measurements.append(m)
-                            cpu = m.cpu_per_1000_tx
-                            print(
-                                f"round {round_no}/{args.rounds} {workload.name:<15} "
-                                f"{count:>5} clients {target.name:<17} {m.tps:>10,.0f} tps "
-                                f"{m.latency_ms:>8.3f} ms"
-                                + (f" {cpu:.3f} CPU s/1000 tx" if cpu is not None else "")
-                                + (f"  ERROR: {m.error}" if m.error else ""),
-                                flush=True,
-                            )
-                        block += 1
+            print(f"PostgreSQL on port {pg.port}", flush=True)
+            secret = prepare_database(pg, pgbench, args)
+            config = PoolerConfig(args.pool_size, max(args.clients, default=0) + 100, secret)
+            if args.workloads or args.syscalls:
+                pgbench_section(run, pgbench, pg, workdir, config)
+            if args.large:
+                large_section(run, pg, workdir, config)
+            if args.idle:
+                idle_section(run, pg, workdir, config)
         except subprocess.CalledProcessError as exc:
             print(f"{shlex.join(exc.cmd)} failed:\n{exc.stderr.decode(errors='replace')}")
             return 1
-        finally:
-            for target in run.targets:
-                stop_process(target.process)
-
-    report = render(run)
+    draw_plot(run)
+    text = render(run)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print("\n" + report + f"\n(written to {args.out})")
+    args.out.write_text(text)
+    print("\n" + text + f"\n(written to {args.out})")
     return 0
 
 
