@@ -385,6 +385,16 @@ class Proxy:
             dbname=upstream.dbname or database, address=(upstream.host, upstream.port)
         )
 
+    def idle_server_for(self, client: ClientConnection) -> ServerConnection | None:
+        """An idle server of the client's pool taken for it now, if one is free and nobody
+        waits before it (else None: the caller holds its bytes and requests one)."""
+        pool = client.pool
+        if pool is None or not pool.idle or pool.waiters or pool.paused or self.draining:
+            return None
+        server, _since = pool.idle.popitem()
+        pool.active.add(server)
+        return server
+
     def request_server(self, client: ClientConnection) -> bool:
         """Link `client` to a server now (True), or queue it for one (False)."""
         pool = client.pool

@@ -469,7 +469,9 @@ class ServerState:
 
         (Only the proxy's own queries, a prelude say, may be ahead of it.)
         """
-        if self.segment != _SEG_EMPTY or any(entry != _PROXY for entry in self.queue):
+        if self.segment != _SEG_EMPTY or (
+            self.queue and any(entry != _PROXY for entry in self.queue)
+        ):
             return
         self.query_started_at = now
         if self.transaction_status == TransactionStatus.IDLE:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 from pgproxy.core.client import ClientPhase, ClientState, uses_unnamed_statement_first
@@ -257,7 +258,8 @@ class ClientConnection(asyncio.Protocol):
         stats = self.stats
         if stats is not None:
             stats.received += len(data)
-        was_at_boundary = st.at_boundary
+        # Only a linked client's boundary matters below (and it must be read before feed).
+        was_at_boundary = self.server is not None and st.at_boundary
         out, msgs = st.feed(data)
         if self.idle_in_transaction_since is not None:
             self.idle_in_transaction_since = None
@@ -278,9 +280,18 @@ class ClientConnection(asyncio.Protocol):
                     # A RESET left the server with its defaults; the client expects its own.
                     prefix = self._prepare(sst, msgs)
             self._forward(server, sst, prefix, out, msgs)
-        elif not st.pending and self._answer_without_server(out, msgs):
+        elif st.pending or not out:
+            if st.hold(out, msgs, monotonic()) and not self.proxy.request_server(self):
+                assert self.gate is not None
+                if not self.closed:
+                    self.gate.add(GateReason.WAITING_FOR_SERVER)
+        elif self._answer_without_server(out, msgs):
             pass
-        elif st.hold(out, msgs, self.proxy.now()) and not self.proxy.request_server(self):
+        elif (server := self.proxy.idle_server_for(self)) is not None:
+            # The common case in transaction mode: a server is free, nothing waits before
+            # us; serve the chunk on it at once, without holding it first.
+            self.link(server, out, msgs)
+        elif st.hold(out, msgs, monotonic()) and not self.proxy.request_server(self):
             # No server yet: stop reading so that held bytes stay one chunk at most.
             assert self.gate is not None
             if not self.closed:
@@ -288,8 +299,14 @@ class ClientConnection(asyncio.Protocol):
         if st.terminated:
             self.close(DisconnectReason.CLIENT_TERMINATE)
 
-    def link(self, server: ServerConnection) -> None:
-        """Serve this client's held bytes on `server` (after applying its settings there)."""
+    def link(
+        self,
+        server: ServerConnection,
+        data: bytes | None = None,
+        msgs: list[tuple[int, bytes, int]] | None = None,
+    ) -> None:
+        """Serve this client's held bytes (or `data`, not held) on `server`, after applying
+        its settings there."""
         st = self.state
         sst = server.state
         assert st is not None and sst is not None and self.gate is not None
@@ -297,11 +314,16 @@ class ClientConnection(asyncio.Protocol):
         self.server = server
         server.client = self
         sst.client = st.view
-        now = sst.last_used_at = self.linked_at = self.proxy.now()
-        if st.phase is ClientPhase.WAITING and self.stats is not None:
-            self.stats.wait_time.observe(now - st.waiting_since)
+        now = sst.last_used_at = self.linked_at = monotonic()
+        stats = self.stats
+        if stats is not None:
+            if st.phase is ClientPhase.WAITING:
+                stats.wait_time.observe(now - st.waiting_since)
+            else:
+                stats.wait_time.observe_nothing()
         st.phase = ClientPhase.ACTIVE
-        data, msgs = st.take_pending()
+        if data is None or msgs is None:
+            data, msgs = st.take_pending()
         if st.uses_named and self._may_map(sst):
             self._start_mapping(sst)
         prefix = b""
@@ -398,7 +420,7 @@ class ClientConnection(asyncio.Protocol):
             data, msgs = rewriter.feed(data)
         if msgs:
             if sst.segment == 0:
-                sst.mark_start(self.proxy.now())
+                sst.mark_start(monotonic())
             # Accounted before the bytes go: a pin past the limit must not run at all.
             sst.note_frontend(msgs)
             if sst.new_pin is not None and not self._allow_pin(server, sst.new_pin):
@@ -497,7 +519,7 @@ class ClientConnection(asyncio.Protocol):
         if server is None:
             return None
         self.server = None
-        self.released_at = self.proxy.now()
+        self.released_at = monotonic()
         server.client = None
         if server.state is not None:
             server.state.client = None
@@ -535,7 +557,7 @@ class ClientConnection(asyncio.Protocol):
             self.proxy.checkin(server)
             return
         if sst.transaction_status != TransactionStatus.IDLE:
-            now = self.proxy.now()
+            now = monotonic()
             self.idle_in_transaction_since = now
             self.proxy.idle_in_transaction[self] = now
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 from pgproxy.core.prepared import ServerStatements
@@ -105,7 +106,7 @@ class ServerConnection(asyncio.Protocol):
                     events = st.tracker_events
                     frames = st.scanner.feed(data)
                     out = tracker.feed(data, frames, events)
-                    st.feed(data, frames, self.proxy.now())
+                    st.feed(data, frames, monotonic())
                     if st.outbox:
                         client.write(b"".join(st.outbox))
                         st.outbox.clear()
@@ -123,7 +124,7 @@ class ServerConnection(asyncio.Protocol):
                             "statements, is not supported in transaction mode"
                         )
                 elif st.swallowing:
-                    start = st.feed(data, None, self.proxy.now())
+                    start = st.feed(data, None, monotonic())
                     if st.outbox:
                         client.write(b"".join(st.outbox))
                         st.outbox.clear()
@@ -131,7 +132,7 @@ class ServerConnection(asyncio.Protocol):
                         client.write(data[start:])
                 else:
                     client.write(data)
-                    st.feed(data, None, self.proxy.now())
+                    st.feed(data, None, monotonic())
                 if st.proxy_error is not None:
                     client.prelude_failed(st.proxy_error)
                 elif st.drained:
@@ -206,7 +207,7 @@ class ServerConnection(asyncio.Protocol):
                 self.transport.close()
                 return
             self._login = None
-            now = self.proxy.now()
+            now = monotonic()
             self.state = ServerState(
                 id=self.id,
                 created_at=now,
