@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, cast
@@ -166,8 +166,6 @@ class ProxyView:
     """Everything /metrics exports, read from the proxy at one moment."""
 
     pools: Sequence[report.PoolReport]
-    # (database, user) → seconds of its longest idle-in-transaction client (pools with one).
-    idle_in_transaction_longest: Mapping[tuple[str, str], float]
     client_connections: int  # every client connection, logging in and admin console included
     clients_logging_in: int
     max_client_conn: int
@@ -325,7 +323,7 @@ def pool_families(view: ProxyView) -> list[Metric]:
         paused.add_metric(labels, int(p.paused))
         longest_wait.add_metric(labels, p.longest_wait)
         longest_hold.add_metric(labels, p.longest_hold)
-        idle_tx.add_metric(labels, view.idle_in_transaction_longest.get((p.database, p.user), 0.0))
+        idle_tx.add_metric(labels, p.longest_idle_in_transaction)
         wait_time.add_metric(labels, _buckets(st.wait_time), st.wait_time.sum)
         query_time.add_metric(labels, _buckets(st.query_time), st.query_time.sum)
         transaction_time.add_metric(labels, _buckets(st.transaction_time), st.transaction_time.sum)
@@ -448,18 +446,9 @@ def monitor_families(health: BackendHealth) -> list[Metric]:
 def proxy_view(proxy: Proxy) -> ProxyView:
     """Read what /metrics exports from the live proxy; on the loop thread only."""
     now = proxy.now()
-    longest: dict[tuple[str, str], float] = {}
-    for client in proxy.idle_in_transaction:
-        if client.pool is None:
-            continue
-        r = report.client_report(client, now)
-        if r.state == report.IDLE_IN_TRANSACTION:
-            key = (client.pool.key.database, client.pool.key.user)
-            longest[key] = max(longest.get(key, 0.0), r.state_for)
     monitor = proxy.monitor
     return ProxyView(
         pools=report.pools(proxy, now),
-        idle_in_transaction_longest=longest,
         client_connections=len(proxy.clients),
         clients_logging_in=sum(1 for c in proxy.clients if c.state is None),
         max_client_conn=proxy.settings.max_client_conn,

@@ -391,9 +391,7 @@ class Proxy:
         pool = client.pool
         if pool is None or not pool.idle or pool.waiters or pool.paused or self.draining:
             return None
-        server, _since = pool.idle.popitem()
-        pool.active.add(server)
-        return server
+        return pool.checkout(client, 0.0)  # an idle server and no waiter: never queues
 
     def request_server(self, client: ClientConnection) -> bool:
         """Link `client` to a server now (True), or queue it for one (False)."""

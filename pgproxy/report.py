@@ -79,6 +79,7 @@ class PoolReport:
     servers: dict[str, int]  # by SERVER_STATES
     longest_wait: float  # seconds the oldest waiting client has waited (0: none)
     longest_hold: float  # seconds the client holding a server longest has held it (0: none)
+    longest_idle_in_transaction: float  # seconds of its longest idle-in-transaction client
     paused: bool
     stats: PoolStats
     statements: StatementCounts
@@ -203,6 +204,7 @@ def pools(proxy: Proxy, now: float) -> list[PoolReport]:
     """Every pool, by database then user, with its clients and servers counted by state."""
     client_counts: dict[object, dict[str, int]] = {}
     holds: dict[object, float] = {}
+    idle_tx: dict[object, float] = {}
     for client in proxy.clients:
         if client.pool is None:
             continue
@@ -212,6 +214,8 @@ def pools(proxy: Proxy, now: float) -> list[PoolReport]:
         counts[report.state] = counts.get(report.state, 0) + 1
         if report.holding_for is not None:
             holds[key] = max(holds.get(key, 0.0), report.holding_for)
+        if report.state == IDLE_IN_TRANSACTION:
+            idle_tx[key] = max(idle_tx.get(key, 0.0), report.state_for)
     out = []
     for key, pool in sorted(proxy.pools.items(), key=lambda kv: (kv[0].database, kv[0].user)):
         oldest = next(iter(pool.waiters.values()), None)
@@ -231,6 +235,7 @@ def pools(proxy: Proxy, now: float) -> list[PoolReport]:
                 },
                 longest_wait=0.0 if oldest is None else now - oldest,
                 longest_hold=holds.get(key, 0.0),
+                longest_idle_in_transaction=idle_tx.get(key, 0.0),
                 paused=proxy.is_paused(key.database),
                 stats=pool.stats,
                 statements=pool.statement_counts,

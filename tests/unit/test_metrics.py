@@ -158,6 +158,7 @@ def pool_report(database: str = "app", user: str = "app", **overrides: object) -
         "servers": {"active": 2, "idle": 1, "resetting": 0, "login": 1},
         "longest_wait": 1.5,
         "longest_hold": 4.0,
+        "longest_idle_in_transaction": 0.0,
         "paused": False,
         "stats": PoolStats(),
         "statements": StatementCounts(),
@@ -169,7 +170,6 @@ def pool_report(database: str = "app", user: str = "app", **overrides: object) -
 def view(**overrides: object) -> ProxyView:
     fields: dict[str, object] = {
         "pools": [],
-        "idle_in_transaction_longest": {},
         "client_connections": 0,
         "clients_logging_in": 0,
         "max_client_conn": 100,
@@ -195,12 +195,7 @@ def test_a_proxy_without_pools_exports_the_global_families():
 def test_pool_state_becomes_labelled_gauges():
     pool = labels(database="app", user="app")
     samples = parse(
-        families(
-            view(
-                pools=[pool_report(paused=True)],
-                idle_in_transaction_longest={("app", "app"): 4.25},
-            )
-        )
+        families(view(pools=[pool_report(paused=True, longest_idle_in_transaction=4.25)]))
     )
     for state, count in {"active": 1, "waiting": 2, "idle_in_transaction": 1, "idle": 7}.items():
         assert samples[("pgproxy_clients", labels(database="app", user="app", state=state))] == (
