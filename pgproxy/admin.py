@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from enum import Enum
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel
 
@@ -35,6 +35,7 @@ from pgproxy.errors import ConfigError, PgProxyError, ProtocolError, Severity
 from pgproxy.wire import messages
 from pgproxy.wire.codes import BackendCode, FrontendCode, SqlState, TransactionStatus
 from pgproxy.wire.scanner import MessageScanner
+from pgproxy.workers import PeerError
 
 if TYPE_CHECKING:
     from pgproxy.proxy import Proxy
@@ -420,6 +421,118 @@ SHOW_ITEMS = (
 Table = tuple[tuple[Column, ...], list[tuple[Value, ...]]]
 
 
+# SHOW items answered from every worker's rows (workers > 1); the others are the same in all.
+GATHERED_ITEMS = frozenset({"POOLS", "CLIENTS", "SERVERS", "STATS", "DATABASES", "LISTS", "LEAKS"})
+# Commands every worker must run (workers > 1).
+_GATHERED_VERBS = frozenset({"PAUSE", "RESUME", "KILL", "KILL_CLIENT", "RELOAD"})
+# SHOW LISTS rows that count configuration or pool keys, the same in each worker.
+_LISTS_SHARED = frozenset({"databases", "users", "pools"})
+
+
+def merge_tables(item: str, tables: Sequence[Sequence[Sequence[Value]]]) -> list[tuple[Value, ...]]:
+    """The rows of one SHOW item from several workers, as one proxy's."""
+    rows = [tuple(row) for table in tables for row in table]
+    if item in ("CLIENTS", "SERVERS"):
+        return rows
+    if item == "LEAKS":
+        return sorted(rows, key=lambda r: -float(r[7] or 0))  # holding_seconds
+    merged: dict[tuple[Value, ...], list[Value]] = {}
+    keyed = 2 if item == "POOLS" else 1
+    for row in rows:
+        key = row[:keyed]
+        old = merged.get(key)
+        if old is None:
+            merged[key] = list(row)
+        else:
+            _COMBINE[item](old, row)
+    if item == "STATS":
+        for merged_row in merged.values():
+            _stats_means(merged_row, rows)
+    return [tuple(row) for row in merged.values()]
+
+
+def _add(into: list[Value], row: Sequence[Value], columns: Iterable[int]) -> None:
+    for i in columns:
+        a, b = into[i], row[i]
+        into[i] = b if a is None else a if b is None else a + b  # type: ignore[operator]
+
+
+def _combine_pools(into: list[Value], row: Sequence[Value]) -> None:
+    _add(into, row, (2, 3, 4, 5, 6, 7, 8, 12, 13, 14))
+    if (row[9], row[10]) > (into[9], into[10]):
+        into[9], into[10] = row[9], row[10]
+    into[15] = max(into[15], row[15])  # type: ignore[type-var]
+
+
+def _combine_stats(into: list[Value], row: Sequence[Value]) -> None:
+    _add(into, row, (*range(1, 12), *range(15, len(row))))
+
+
+def _stats_means(into: list[Value], rows: Sequence[Sequence[Value]]) -> None:
+    """avg_xact_time, avg_query_time, avg_wait_time: total time over total count, the counts
+    recovered from each worker's total and mean."""
+    for total_col, mean_col in ((5, 12), (6, 13), (7, 14)):
+        time_sum = 0.0
+        count = 0.0
+        for row in rows:
+            if row[0] == into[0] and row[mean_col]:
+                time_sum += float(row[total_col])  # type: ignore[arg-type]
+                count += float(row[total_col]) / float(row[mean_col])  # type: ignore[arg-type]
+        into[mean_col] = round(time_sum / count) if count else 0
+
+
+def _combine_databases(into: list[Value], row: Sequence[Value]) -> None:
+    _add(into, row, (8, 9))
+    into[10] = max(into[10], row[10])  # type: ignore[type-var]
+
+
+def _combine_lists(into: list[Value], row: Sequence[Value]) -> None:
+    if into[0] in _LISTS_SHARED:
+        into[1] = max(into[1], row[1])  # type: ignore[type-var]
+    else:
+        _add(into, row, (1,))
+
+
+_COMBINE: dict[str, Callable[[list[Value], Sequence[Value]], None]] = {
+    "POOLS": _combine_pools,
+    "STATS": _combine_stats,
+    "DATABASES": _combine_databases,
+    "LISTS": _combine_lists,
+}
+
+
+def local_table(proxy: Proxy, item: str) -> list[tuple[Value, ...]]:
+    """This process's rows of a SHOW item."""
+    session = AdminSession(proxy, "", may_modify=False, write=_ignore, close=_nothing)
+    return AdminSession._SHOW[item](session)[1]
+
+
+def _ignore(_data: bytes) -> None:
+    pass
+
+
+def _nothing() -> None:
+    pass
+
+
+async def pause_until_quiet(proxy: Proxy, database: str | None) -> bool:
+    """PAUSE here and wait until no server is in use; False if resumed before that."""
+    proxy.pause(database)
+    while not proxy.paused_and_quiet(database):
+        if not (proxy.paused_all if database is None else proxy.is_paused(database)):
+            return False
+        await asyncio.sleep(PAUSE_POLL_INTERVAL)
+    return True
+
+
+def reload_lines(proxy: Proxy) -> dict[str, Any]:
+    """RELOAD here: {"changes": [...]} or {"error": why nothing changed}."""
+    try:
+        return {"changes": proxy.reload()}
+    except ConfigError as exc:
+        return {"error": str(exc)}
+
+
 def _timestamp(wall: float) -> str:
     return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -536,6 +649,8 @@ class AdminSession:
         # The rest of the current Query's statements (only while a PAUSE waits).
         self._statements: deque[str] = deque()
         self._pause: _PauseWait | None = None
+        # A command asking the other workers (workers > 1); the session waits for it.
+        self._task: asyncio.Task[bytes] | None = None
         # After an extended-protocol message: discard until Sync, as Postgres does after an error.
         self._skipping_to_sync = False
         self._closed = False
@@ -555,6 +670,8 @@ class AdminSession:
 
     def cancel(self) -> None:
         """A CancelRequest for this session: stop waiting for a PAUSE (the pools stay paused)."""
+        if self._task is not None:
+            self._task.cancel()
         if self._pause is not None:
             self._end_pause(
                 console_error(
@@ -569,6 +686,8 @@ class AdminSession:
         self._closed = True
         self._stop_pause_timer()
         self._pause = None
+        if self._task is not None:
+            self._task.cancel()
         self._inbox.clear()
         self._statements.clear()
 
@@ -581,7 +700,7 @@ class AdminSession:
 
     def _drain(self) -> None:
         """Handle queued messages in order until one has to wait (a PAUSE) or none are left."""
-        while self._inbox and self._pause is None and not self._closed:
+        while self._inbox and self._pause is None and self._task is None and not self._closed:
             code, body = self._inbox.popleft()
             self._handle(code, body)
 
@@ -639,7 +758,7 @@ class AdminSession:
                     "ERROR", SqlState.INTERNAL_ERROR, "pgproxy internal error (see its log)"
                 )
                 self._statements.clear()
-            if answer is None:  # a PAUSE now waits; it runs the rest when done
+            if answer is None:  # a PAUSE or the other workers are awaited; the rest comes after
                 return
             self._write(answer)
         self._write(messages.ready_for_query(TransactionStatus.IDLE))
@@ -655,6 +774,15 @@ class AdminSession:
                 "and may run SHOW commands",
                 INSUFFICIENT_PRIVILEGE,
             )
+        if self.proxy.peers is not None and (
+            command.verb in _GATHERED_VERBS
+            or (command.verb == "SHOW" and command.argument in GATHERED_ITEMS)
+        ):
+            if command.verb in ("PAUSE", "RESUME", "KILL") and command.argument is not None:
+                self._known_database(command.argument)
+            self._task = asyncio.get_running_loop().create_task(self._everywhere(command))
+            self._task.add_done_callback(self._everywhere_done)
+            return None
         match command.verb:
             case "SET":
                 return command_complete("SET")
@@ -675,9 +803,115 @@ class AdminSession:
                 return self._reload()
             case "SHUTDOWN":
                 log.info("admin console: SHUTDOWN by %s", self.user)
-                self.proxy.request_stop()
+                self.proxy.request_shutdown()
                 return command_complete("SHUTDOWN")
         raise AssertionError(command.verb)  # parse_command returns only the verbs above
+
+    async def _everywhere(self, command: Command) -> bytes:
+        """A command run by this worker and the others (workers > 1), answered as one."""
+        proxy = self.proxy
+        peers = proxy.peers
+        assert peers is not None
+        verb, argument = command.verb, command.argument
+        out: list[bytes] = []
+
+        def answered(answers: list[tuple[int, Any]]) -> list[Any]:
+            ok = []
+            for index, answer in answers:
+                if isinstance(answer, Exception):
+                    out.append(
+                        messages.notice_response(
+                            "WARNING",
+                            SqlState.SUCCESSFUL_COMPLETION,
+                            f"worker {index} did not answer: {answer}",
+                        )
+                    )
+                else:
+                    ok.append(answer)
+            return ok
+
+        match verb:
+            case "SHOW":
+                assert argument is not None
+                cols, rows = self._SHOW[argument](self)
+                others = answered(await peers.ask_others("show", item=argument))
+                out.append(encode_result(cols, merge_tables(argument, [rows, *others]), "SHOW"))
+            case "PAUSE":
+                log.info("admin console: PAUSE %s by %s", argument or "(all)", self.user)
+                local, others_answers = await asyncio.gather(
+                    pause_until_quiet(proxy, argument),
+                    peers.ask_others("pause", timeout=None, database=argument),
+                )
+                if not (local and all(answered(others_answers))):
+                    raise console_error(
+                        "PAUSE interrupted: the pools were resumed before they were quiet",
+                        SqlState.QUERY_CANCELED,
+                    )
+                out.append(command_complete("PAUSE"))
+            case "RESUME":
+                log.info("admin console: RESUME %s by %s", argument or "(all)", self.user)
+                proxy.resume(argument)
+                answered(await peers.ask_others("resume", database=argument))
+                out.append(command_complete("RESUME"))
+            case "KILL":
+                assert argument is not None
+                log.info("admin console: KILL %s by %s", argument, self.user)
+                killed = proxy.kill_database(argument)
+                killed += sum(answered(await peers.ask_others("kill", database=argument)))
+                out.append(self._killed(argument, killed))
+            case "KILL_CLIENT":
+                assert argument is not None
+                client_id = self._client_id(argument)
+                log.info("admin console: KILL_CLIENT %d by %s", client_id, self.user)
+                owner = peers.spec.owner(client_id)
+                if owner == peers.spec.index:
+                    found = proxy.kill_client(client_id)
+                else:
+                    try:
+                        found = bool(await peers.ask(owner, "kill_client", id=client_id))
+                    except PeerError as exc:
+                        raise console_error(
+                            f"worker {owner}, which numbered client {client_id}, did not "
+                            f"answer: {exc}",
+                            SqlState.INTERNAL_ERROR,
+                        ) from None
+                if not found:
+                    raise self._no_client(client_id)
+                out.append(command_complete("KILL_CLIENT"))
+            case "RELOAD":
+                log.info("admin console: RELOAD by %s", self.user)
+                results = [reload_lines(proxy), *answered(await peers.ask_others("reload"))]
+                errors = [r["error"] for r in results if "error" in r]
+                if errors:
+                    raise console_error(
+                        f"RELOAD failed, nothing changed: {errors[0]}", INVALID_PARAMETER_VALUE
+                    )
+                out.append(self._reloaded(results[0]["changes"]))
+        return b"".join(out)
+
+    def _everywhere_done(self, task: asyncio.Task[bytes]) -> None:
+        self._task = None
+        if self._closed:
+            return
+        try:
+            answer = task.result()
+        except asyncio.CancelledError:
+            answer = messages.error_response(
+                "ERROR", SqlState.QUERY_CANCELED, "canceling statement due to user request"
+            )
+            self._statements.clear()
+        except PgProxyError as exc:
+            answer = messages.error_from_exception(exc)
+            self._statements.clear()
+        except Exception:
+            log.exception("admin console: command failed")
+            answer = messages.error_response(
+                "ERROR", SqlState.INTERNAL_ERROR, "pgproxy internal error (see its log)"
+            )
+            self._statements.clear()
+        self._write(answer)
+        self._run_statements()
+        self._drain()
 
     def _known_database(self, name: str) -> None:
         """Raise 3D000 unless `name` is a configured database or one with a pool."""
@@ -773,7 +1007,9 @@ class AdminSession:
     def _kill(self, database: str) -> bytes:
         self._known_database(database)
         log.info("admin console: KILL %s by %s", database, self.user)
-        killed = self.proxy.kill_database(database)
+        return self._killed(database, self.proxy.kill_database(database))
+
+    def _killed(self, database: str, killed: int) -> bytes:
         notice = messages.notice_response(
             "NOTICE",
             SqlState.SUCCESSFUL_COMPLETION,
@@ -783,22 +1019,30 @@ class AdminSession:
         return notice + command_complete("KILL")
 
     def _kill_client(self, argument: str) -> bytes:
+        client_id = self._client_id(argument)
+        log.info("admin console: KILL_CLIENT %d by %s", client_id, self.user)
+        if not self.proxy.kill_client(client_id):
+            raise self._no_client(client_id)
+        return command_complete("KILL_CLIENT")
+
+    @staticmethod
+    def _client_id(argument: str) -> int:
         try:
-            client_id = int(argument)
+            return int(argument)
         except ValueError:
             raise console_error(
                 f"KILL_CLIENT needs a client id (a number), got {argument!r}",
                 SYNTAX_ERROR,
                 hint="the id column of SHOW CLIENTS",
             ) from None
-        log.info("admin console: KILL_CLIENT %d by %s", client_id, self.user)
-        if not self.proxy.kill_client(client_id):
-            raise console_error(
-                f"no client with id {client_id}",
-                UNDEFINED_OBJECT,
-                hint="SHOW CLIENTS lists them; console sessions cannot be killed",
-            )
-        return command_complete("KILL_CLIENT")
+
+    @staticmethod
+    def _no_client(client_id: int) -> PgProxyError:
+        return console_error(
+            f"no client with id {client_id}",
+            UNDEFINED_OBJECT,
+            hint="SHOW CLIENTS lists them; console sessions cannot be killed",
+        )
 
     def _reload(self) -> bytes:
         log.info("admin console: RELOAD by %s", self.user)
@@ -808,6 +1052,10 @@ class AdminSession:
             raise console_error(
                 f"RELOAD failed, nothing changed: {exc}", INVALID_PARAMETER_VALUE
             ) from None
+        return self._reloaded(changes)
+
+    @staticmethod
+    def _reloaded(changes: Sequence[str]) -> bytes:
         lines = changes or ["RELOAD: nothing changed"]
         notices = [
             messages.notice_response("NOTICE", SqlState.SUCCESSFUL_COMPLETION, line)

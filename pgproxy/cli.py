@@ -24,6 +24,9 @@ from pgproxy import __version__
 from pgproxy.config import ENV_PREFIX, Settings, load_settings
 from pgproxy.errors import ConfigError
 
+# Set by the supervisor for the workers it starts (pgproxy.workers.WORKER_ENV; not imported
+# from there, so that a bad setting is reported before the proxy's modules load).
+WORKER_ENV = "_PGPROXY_WORKER"
 # Exit code for a bad command line or configuration, the same as argparse's usage errors.
 EXIT_BAD_CONFIG = 2
 # The config file may also be named in the environment, handy in a container.
@@ -124,6 +127,8 @@ def _flags(parsed: dict[str, object]) -> dict[str, object]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run pgproxy; returns the process exit code (2 for a bad setting)."""
+    if argv is None:
+        argv = sys.argv[1:]
     parsed = vars(build_parser().parse_args(argv))
     config = parsed.pop("config", None)
     if config is None and os.environ.get(CONFIG_ENV):
@@ -134,9 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         sys.stderr.write(f"pgproxy: invalid setting {exc.setting}: {exc.problem}\n")
         return EXIT_BAD_CONFIG
-    logging.basicConfig(level=settings.log_level.upper(), format=LOG_FORMAT, stream=sys.stderr)
+    # Set by a supervisor (workers > 1) in the environment of the workers it starts.
+    worker = os.environ.get(WORKER_ENV)
+    log_format = LOG_FORMAT
+    if worker:
+        log_format = LOG_FORMAT.replace("%(name)s", f"%(name)s[worker {worker.split('/')[0]}]")
+    logging.basicConfig(level=settings.log_level.upper(), format=log_format, stream=sys.stderr)
     # Imported only now: a bad setting must not pay for (or fail on) importing the proxy.
     from pgproxy.proxy import serve
+    from pgproxy.workers import WorkerSpec, serve_workers
 
+    if settings.workers > 1 and not worker:
+        return serve_workers(settings, argv)
     flags = _flags(parsed)
-    return serve(settings, reload=lambda: load_settings(flags, config_file=config))
+    return serve(
+        settings,
+        reload=lambda: load_settings(flags, config_file=config),
+        worker=WorkerSpec.decode(worker) if worker else None,
+    )

@@ -16,6 +16,7 @@ Rules of this file:
 """
 
 import difflib
+import os
 import re
 import shlex
 from collections.abc import Iterator, Mapping
@@ -93,6 +94,18 @@ _SCRAM_SECRET = re.compile(
     r"SCRAM-SHA-256\$[1-9][0-9]*:[A-Za-z0-9+/]+={0,2}\$[A-Za-z0-9+/]+={0,2}:[A-Za-z0-9+/]+={0,2}"
 )
 # Per-pool settings a [databases] entry or a user_settings entry may override.
+# SO_REUSEPORT workers; a cancel key encodes its worker, and more would not help a pooler.
+MAX_WORKERS = 64
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its affinity), as `workers = auto` counts them."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not on Linux
+        return os.cpu_count() or 1
+
+
 _POOL_KEYS = (
     "pool_size",
     "query_timeout",
@@ -520,6 +533,14 @@ class Settings(BaseSettings):
             "(as in PgBouncer)."
         ),
     )
+    workers: Annotated[int, NoDecode] = Field(
+        default=1,
+        description=(
+            "Processes accepting on the same port (SO_REUSEPORT), each with its share of every "
+            "pool size and of max_client_conn; auto = the number of CPU cores. A supervisor "
+            "restarts a worker that dies; /metrics and the admin console show them all."
+        ),
+    )
     server_connect_timeout: float = Field(
         default=15.0,  # same as PgBouncer
         gt=0,
@@ -682,6 +703,36 @@ class Settings(BaseSettings):
     def _parse_names(cls, value: object) -> object:
         if isinstance(value, str):
             return tuple(name.strip() for name in value.split(",") if name.strip())
+        return value
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _parse_workers(cls, value: object) -> object:
+        if isinstance(value, str) and value.strip().lower() == "auto":
+            return cpu_count()
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _check_workers(cls, value: int, info: ValidationInfo) -> int:
+        if not 1 <= value <= MAX_WORKERS:
+            raise ValueError(f"must be from 1 to {MAX_WORKERS} (or auto), got {value}")
+        # Every worker needs at least one server connection of each pool and one client slot.
+        limits: list[tuple[str, int | None]] = [
+            ("default_pool_size", info.data.get("default_pool_size")),
+            ("max_client_conn", info.data.get("max_client_conn")),
+        ]
+        for kind in ("databases", "user_settings"):
+            entries = info.data.get(kind) or {}
+            limits.extend(
+                (f"{kind} {name} pool_size", entry.pool_size) for name, entry in entries.items()
+            )
+        for what, limit in limits:
+            if isinstance(limit, int) and limit < value:
+                raise ValueError(
+                    f"{value} workers need {what} of at least {value} (each worker gets its "
+                    f"share), got {limit}"
+                )
         return value
 
     @field_validator("metrics_listen", mode="before")

@@ -55,7 +55,6 @@ PROBE_CACHE = 2.0
 TOP_APPLICATIONS = 50
 OTHER_APPLICATIONS = "other"
 
-PATHS = ("/metrics", "/healthz", "/readyz")
 METHODS = ("GET", "HEAD")
 TEXT = "text/plain; charset=utf-8"
 
@@ -83,6 +82,7 @@ class HttpError(Exception):
 class Request:
     method: str
     path: str  # without the query string
+    query: str = ""
 
 
 def split_head(buffer: bytes | bytearray, limit: int = HEAD_LIMIT) -> bytes | None:
@@ -130,13 +130,11 @@ def parse_request(head: bytes) -> Request:
     # §3.2: an HTTP/1.1 request carries exactly one Host field.
     if match.group(2) != "0" and hosts != 1:
         raise HttpError(HTTPStatus.BAD_REQUEST, "HTTP/1.1 needs exactly one Host header")
-    if target.startswith("/"):
-        path = target.split("?", 1)[0].split("#", 1)[0]
-    elif target.lower().startswith(("http://", "https://")):  # absolute form (§3.2.2)
-        path = urlsplit(target).path or "/"
-    else:
+    # Origin form, or absolute form (§3.2.2).
+    if not target.startswith("/") and not target.lower().startswith(("http://", "https://")):
         raise HttpError(HTTPStatus.BAD_REQUEST, "malformed request target")
-    return Request(method=method, path=path)
+    split = urlsplit(target)
+    return Request(method=method, path=split.path or "/", query=split.query)
 
 
 def response(
@@ -173,6 +171,8 @@ class ProxyView:
     login_failures: int
     draining: bool
     monitor: BackendHealth | None  # None: monitor off, or no read attempted yet
+    # CancelRequests handed to the worker of their client (None: one process, no workers).
+    cancels_forwarded: int | None = None
 
 
 def _le(bound: float) -> str:
@@ -220,6 +220,14 @@ def families(view: ProxyView) -> list[Metric]:
             value=view.clients_logging_in,
         )
     )
+    if view.cancels_forwarded is not None:
+        out.append(
+            CounterMetricFamily(
+                "pgproxy_cancel_requests_forwarded",
+                "CancelRequests that reached another worker than their client's, handed over.",
+                value=view.cancels_forwarded,
+            )
+        )
     out.extend(pool_families(view))
     if view.monitor is not None:
         out.extend(monitor_families(view.monitor))
@@ -451,10 +459,11 @@ def proxy_view(proxy: Proxy) -> ProxyView:
         pools=report.pools(proxy, now),
         client_connections=len(proxy.clients),
         clients_logging_in=sum(1 for c in proxy.clients if c.state is None),
-        max_client_conn=proxy.settings.max_client_conn,
+        max_client_conn=proxy.max_clients,
         login_failures=proxy.login_failures,
         draining=proxy.draining,
         monitor=None if monitor is None else monitor.snapshot(),
+        cancels_forwarded=None if proxy.peers is None else proxy.peers.forwarded_cancels,
     )
 
 
@@ -471,14 +480,11 @@ class ProxyCollector:
 # -- the endpoint (loop thread) ----------------------------------------------------------------
 
 
-class MetricsEndpoint:
-    """State shared by the endpoint's connections: the registry and the /readyz probe."""
+class HttpEndpoint:
+    """State shared by an endpoint's connections; `respond` answers a request."""
 
-    def __init__(self, proxy: Proxy, loop: asyncio.AbstractEventLoop) -> None:
-        self.proxy = proxy
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ProxyCollector(proxy))
         self.server: asyncio.Server | None = None
         self.connections: set[MetricsConnection] = set()
         self._guard: asyncio.Task[None] | None = None
@@ -507,8 +513,33 @@ class MetricsEndpoint:
     def is_serving(self) -> bool:
         return self.server is None or self.server.is_serving()
 
+    async def respond(self, request: Request) -> bytes:
+        """The whole HTTP response to a GET or HEAD."""
+        raise NotImplementedError
+
+
+class MetricsEndpoint(HttpEndpoint):
+    """The proxy's /metrics, /healthz and /readyz: the registry and the /readyz probe."""
+
+    def __init__(self, proxy: Proxy, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(loop)
+        self.proxy = proxy
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(ProxyCollector(proxy))
+
     def scrape(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def respond(self, request: Request) -> bytes:
+        if request.path == "/metrics":
+            return response(HTTPStatus.OK, self.scrape(), content_type=CONTENT_TYPE_PLAIN_0_0_4)
+        if request.path == "/healthz":
+            return response(HTTPStatus.OK, b"ok\n")
+        if request.path == "/readyz":
+            ready, reason = self.readiness() or await self.probe()
+            status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
+            return response(status, f"{reason}\n".encode())
+        return response(HTTPStatus.NOT_FOUND, b"not found\n")
 
     def readiness(self) -> tuple[bool, str] | None:
         """(ready, reason) when known without a probe; None: `probe()` must be awaited."""
@@ -553,7 +584,7 @@ class MetricsEndpoint:
 class MetricsConnection(asyncio.Protocol):
     """One HTTP connection: read the request head, answer once, close."""
 
-    def __init__(self, endpoint: MetricsEndpoint) -> None:
+    def __init__(self, endpoint: HttpEndpoint) -> None:
         self.endpoint = endpoint
         self.transport: asyncio.Transport | None = None
         self.buffer = bytearray()
@@ -623,9 +654,6 @@ class MetricsConnection(asyncio.Protocol):
         self.timer = loop.call_later(TICK, self._tick)
 
     def _answer(self, request: Request) -> None:
-        if request.path not in PATHS:
-            self._send(response(HTTPStatus.NOT_FOUND, b"not found\n"), request)
-            return
         if request.method not in METHODS:
             self._send(
                 response(
@@ -636,33 +664,16 @@ class MetricsConnection(asyncio.Protocol):
                 request,
             )
             return
-        if request.path == "/metrics":
-            body = self.endpoint.scrape()
-            self._send(
-                response(HTTPStatus.OK, body, content_type=CONTENT_TYPE_PLAIN_0_0_4), request
-            )
-        elif request.path == "/healthz":
-            self._send(response(HTTPStatus.OK, b"ok\n"), request)
-        else:
-            known = self.endpoint.readiness()
-            if known is not None:
-                self._send_readiness(known, request)
-            else:
-                self.task = self.endpoint.loop.create_task(self._probe_then_answer(request))
+        self.task = self.endpoint.loop.create_task(self._respond(request))
 
-    async def _probe_then_answer(self, request: Request) -> None:
+    async def _respond(self, request: Request) -> None:
         try:
-            result = await self.endpoint.probe()
+            answer = await self.endpoint.respond(request)
         except Exception:
-            log.exception("metrics endpoint: /readyz probe failed")
-            result = (False, "internal error while probing the server")
+            log.exception("metrics endpoint: %s failed", request.path)
+            answer = response(HTTPStatus.INTERNAL_SERVER_ERROR, b"internal error\n")
         self.task = None
-        self._send_readiness(result, request)
-
-    def _send_readiness(self, result: tuple[bool, str], request: Request) -> None:
-        ready, reason = result
-        status = HTTPStatus.OK if ready else HTTPStatus.SERVICE_UNAVAILABLE
-        self._send(response(status, f"{reason}\n".encode()), request)
+        self._send(answer, request)
 
     def _send(self, data: bytes, request: Request | None = None) -> None:
         transport = self.transport
@@ -678,13 +689,24 @@ class MetricsConnection(asyncio.Protocol):
 
 async def start_metrics_server(proxy: Proxy, host: str | None, port: int) -> asyncio.Server:
     """Serve /metrics, /healthz and /readyz on the running loop."""
-    loop = asyncio.get_running_loop()
-    endpoint = MetricsEndpoint(proxy, loop)
-    server = await loop.create_server(
-        lambda: MetricsConnection(endpoint), host, port, reuse_address=True
-    )
-    endpoint.server = server
-    endpoint.guard_connections()
+    endpoint = MetricsEndpoint(proxy, asyncio.get_running_loop())
+    server = await serve_endpoint(endpoint, host, port)
     shown = "*" if not host else f"[{host}]" if ":" in host else host
     log.info("metrics on http://%s:%d/metrics", shown, server.sockets[0].getsockname()[1])
+    return server
+
+
+async def serve_endpoint(
+    endpoint: HttpEndpoint, host: str | None, port: int = 0, *, unix_path: str | None = None
+) -> asyncio.Server:
+    """Serve `endpoint` on TCP (host, port) or, given `unix_path`, on a Unix socket."""
+    loop = endpoint.loop
+    if unix_path is not None:
+        server = await loop.create_unix_server(lambda: MetricsConnection(endpoint), unix_path)
+    else:
+        server = await loop.create_server(
+            lambda: MetricsConnection(endpoint), host, port, reuse_address=True
+        )
+    endpoint.server = server
+    endpoint.guard_connections()
     return server

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import secrets
 import signal
 import time
@@ -36,7 +37,7 @@ from pgproxy.core.server import ClientView, DisconnectReason
 from pgproxy.core.server_login import ServerCredentials, ServerLogin
 from pgproxy.core.watchdog import idle_servers_to_close
 from pgproxy.errors import ConfigError, PgProxyError, ShutdownError, UnknownDatabaseError
-from pgproxy.metrics import start_metrics_server
+from pgproxy.metrics import serve_endpoint, start_metrics_server
 from pgproxy.monitor import ServerMonitor
 from pgproxy.net.client_connection import ClientConnection
 from pgproxy.net.connector import open_server, send_cancel
@@ -45,6 +46,7 @@ from pgproxy.net.server_connection import ServerConnection
 from pgproxy.report import client_report
 from pgproxy.wire import messages
 from pgproxy.wire.codes import SqlState, TransactionStatus
+from pgproxy.workers import PeerEndpoint, Peers, WorkerSpec, die_with_supervisor
 
 log = logging.getLogger("pgproxy")
 
@@ -61,7 +63,14 @@ ServerPool = Pool[ServerConnection, ClientConnection]
 
 # Settings a RELOAD cannot change: they shape sockets, threads or every server's state.
 RESTART_ONLY = frozenset(
-    {"listen", "metrics_listen", "pool_mode", "max_prepared_statements", "monitor_interval"}
+    {
+        "listen",
+        "metrics_listen",
+        "pool_mode",
+        "max_prepared_statements",
+        "monitor_interval",
+        "workers",
+    }
 )
 
 
@@ -74,8 +83,17 @@ class PoolTarget:
 
 
 class Proxy:
-    def __init__(self, settings: Settings, reload: Callable[[], Settings] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        reload: Callable[[], Settings] | None = None,
+        worker: WorkerSpec | None = None,
+    ) -> None:
         self.settings = settings
+        # One of several processes on the port (workers > 1): pool sizes and max_client_conn
+        # are shared out, ids are numbered with a stride, siblings are reached over `peers`.
+        self.worker = worker
+        self.peers = Peers(worker) if worker is not None else None
         # Reads the settings again from where they came from (flags, environment, file).
         self._reload_settings = reload
         self.releases_after_transaction = settings.pool_mode == PoolMode.TRANSACTION
@@ -90,11 +108,14 @@ class Proxy:
         self._targets: dict[PoolKey, PoolTarget] = {}
         self.clients: set[ClientConnection] = set()
         self.servers: set[ServerConnection] = set()
-        self.cancel_keys: CancelKeys[ClientConnection] = CancelKeys(lambda: secrets.randbits(32))
+        first, step = (worker.index + 1, worker.count) if worker is not None else (1, 1)
+        self.cancel_keys: CancelKeys[ClientConnection] = CancelKeys(
+            lambda: secrets.randbits(32), first=first, step=step
+        )
         self.draining = False
         self.login_failures = 0
         self.pins_total = 0
-        self._ids = itertools.count(1)
+        self._ids = itertools.count(first, step)
         self._welcome_waiters: dict[PoolKey, list[tuple[ClientConnection, bytes]]] = {}
         # SCRAM ClientKey per user, recovered from a client login, for pass-through to Postgres.
         self._client_keys: dict[str, bytes] = {}
@@ -120,6 +141,15 @@ class Proxy:
         self._metrics_server: asyncio.Server | None = None
         self.metrics_port = 0
         self.monitor: ServerMonitor | None = None
+        self._peer_server: asyncio.Server | None = None
+
+    def share(self, total: int) -> int:
+        """This process's part of a pool size or client limit (all of it with one worker)."""
+        return total if self.worker is None else self.worker.share(total)
+
+    @property
+    def max_clients(self) -> int:
+        return self.share(self.settings.max_client_conn)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -132,25 +162,39 @@ class Proxy:
         self._no_clients = asyncio.Event()
         listen = self.settings.listen
         host: str | None = listen.host or None
+        worker = self.worker
         self._listener = await loop.create_server(
-            lambda: ClientConnection(self), host, listen.port, reuse_address=True, backlog=4096
+            lambda: ClientConnection(self),
+            host,
+            listen.port if worker is None else worker.port,
+            reuse_address=True,
+            reuse_port=worker is not None,
+            backlog=4096,
         )
         sock = self._listener.sockets[0]
         self.listen_port = int(sock.getsockname()[1])
         metrics_listen = self.settings.metrics_listen
-        if metrics_listen is not None:
+        if worker is not None:
+            # The supervisor serves metrics_listen; siblings and it meet here.
+            path = worker.socket_path(worker.index)
+            path.unlink(missing_ok=True)  # left by a worker that died
+            self._peer_server = await serve_endpoint(
+                PeerEndpoint(self, loop), None, unix_path=str(path)
+            )
+        elif metrics_listen is not None:
             self._metrics_server = await start_metrics_server(
                 self, metrics_listen.host or None, metrics_listen.port
             )
             self.metrics_port = int(self._metrics_server.sockets[0].getsockname()[1])
-        if self.settings.monitor_interval > 0:
+        if self.settings.monitor_interval > 0 and (worker is None or worker.index == 0):
             self.monitor = ServerMonitor(self.settings)
             self.monitor.start()
         self._spawn(self._watchdog())
         if not self.users and self.settings.auth_type.value != "trust":
             log.warning("no users configured: every login will fail (see --user)")
         log.info(
-            "listening on %s:%d, server %s:%d, pool_mode=%s, default_pool_size=%d",
+            "%slistening on %s:%d, server %s:%d, pool_mode=%s, default_pool_size=%d",
+            "" if worker is None else f"worker {worker.index} (pid {os.getpid()}): ",
             listen.host or "*",
             self.listen_port,
             self.settings.server.host,
@@ -179,6 +223,15 @@ class Proxy:
             return
         log.info("stop requested: no new clients; waiting for linked clients to finish")
         self._stop.set()
+
+    def request_shutdown(self) -> None:
+        """SHUTDOWN from the console: this process, or with workers the supervisor (which
+        drains them all)."""
+        if self.worker is not None:
+            log.info("asking the supervisor (pid %d) to stop", self.worker.supervisor_pid)
+            os.kill(self.worker.supervisor_pid, signal.SIGTERM)
+        else:
+            self.request_stop()
 
     async def drain(self) -> None:
         """Stop accepting, let linked clients finish their transaction, then close all."""
@@ -218,9 +271,10 @@ class Proxy:
             await self._listener.wait_closed()
         if self.monitor is not None:
             self.monitor.stop()
-        if self._metrics_server is not None:
-            self._metrics_server.close()
-            await self._metrics_server.wait_closed()
+        for endpoint in (self._metrics_server, self._peer_server):
+            if endpoint is not None:
+                endpoint.close()
+                await endpoint.wait_closed()
         log.info("stopped")
 
     async def _until_all_gone(self) -> None:
@@ -279,7 +333,7 @@ class Proxy:
 
     def client_connected(self, client: ClientConnection) -> bool:
         """Register a new client; False when it is over `max_client_conn`."""
-        if self.draining or len(self.clients) >= self.settings.max_client_conn:
+        if self.draining or len(self.clients) >= self.max_clients:
             self._close_reasons[client] = (DisconnectReason.TOO_MANY_CLIENTS, "")
             return False
         self.clients.add(client)
@@ -299,8 +353,10 @@ class Proxy:
         pool = self.pools.get(key)
         if pool is None:
             policy = self.settings.policy(event.database, event.user)
-            size = policy.pool_size
-            pool = Pool(key=key, size=size, min_size=min(self.settings.min_pool_size, size))
+            size = self.share(policy.pool_size)
+            pool = Pool(
+                key=key, size=size, min_size=min(self.share(self.settings.min_pool_size), size)
+            )
             pool.paused = self.is_paused(event.database)
             self.pools[key] = pool
             self.policies[key] = policy
@@ -448,8 +504,16 @@ class Proxy:
         if self.draining and not self.clients and self._no_clients is not None:
             self._no_clients.set()
 
-    def cancel(self, pid: int, secret: int) -> None:
-        """A CancelRequest with a key we handed out: cancel on the client's current server."""
+    def cancel(self, pid: int, secret: int, *, forwarded: bool = False) -> None:
+        """A CancelRequest with a key we handed out: cancel on the client's current server.
+
+        A key of another worker's client goes to that worker (once: a forwarded one that is
+        not ours is stale)."""
+        worker = self.worker
+        if worker is not None and worker.owner(pid) != worker.index:
+            if not forwarded and self.peers is not None:
+                self._spawn(self.peers.forward_cancel(pid, secret))
+            return
         client = self.cancel_keys.lookup(pid, secret)
         if client is None:
             return
@@ -790,8 +854,8 @@ class Proxy:
         self.policies.clear()
         for key, pool in self.pools.items():
             policy = self.policy(pool)
-            pool.size = policy.pool_size
-            pool.min_size = min(self.settings.min_pool_size, pool.size)
+            pool.size = self.share(policy.pool_size)
+            pool.min_size = min(self.share(self.settings.min_pool_size), pool.size)
             target = self._resolve(key.database)
             if target is not None and target != self._targets.get(key):
                 # Servers of the old target go: the idle ones now, the others at checkin.
@@ -994,8 +1058,14 @@ class Proxy:
                 )
 
 
-def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> int:
+def serve(
+    settings: Settings,
+    reload: Callable[[], Settings] | None = None,
+    worker: WorkerSpec | None = None,
+) -> int:
     """Run a proxy until it is stopped; uvloop when installed. `reload` re-reads settings."""
+    if worker is not None:
+        die_with_supervisor()
     try:
         import uvloop
 
@@ -1003,4 +1073,4 @@ def serve(settings: Settings, reload: Callable[[], Settings] | None = None) -> i
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(Proxy(settings, reload).run())
+        return runner.run(Proxy(settings, reload, worker).run())

@@ -14,10 +14,13 @@ _MAX_PID = 0x7FFFFFFF
 
 
 class CancelKeys(Generic[C]):
-    def __init__(self, random_u32: Callable[[], int]) -> None:
+    def __init__(self, random_u32: Callable[[], int], *, first: int = 1, step: int = 1) -> None:
+        """Pids are first, first + step, first + 2 step, ... (a worker's own residue)."""
         self._random_u32 = random_u32
         self._by_pid: dict[int, tuple[int, C]] = {}
-        self._next_pid = 1
+        self._first = first
+        self._step = step
+        self._next_pid = first
 
     def __len__(self) -> int:
         return len(self._by_pid)
@@ -26,11 +29,15 @@ class CancelKeys(Generic[C]):
         """A (pid, secret) pair no live client has."""
         pid = self._next_pid
         while pid in self._by_pid:
-            pid = pid % _MAX_PID + 1
-        self._next_pid = pid % _MAX_PID + 1
+            pid = self._after(pid)
+        self._next_pid = self._after(pid)
         secret = self._random_u32() & 0xFFFFFFFF
         self._by_pid[pid] = (secret, client)
         return pid, secret
+
+    def _after(self, pid: int) -> int:
+        pid += self._step
+        return pid if pid <= _MAX_PID else self._first
 
     def release(self, pid: int) -> None:
         self._by_pid.pop(pid, None)

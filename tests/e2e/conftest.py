@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import subprocess
+import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import uvloop
 
 from pgproxy.config import load_settings
-from pgproxy.localpg import Credentials, LocalPostgres
+from pgproxy.localpg import Credentials, LocalPostgres, free_port
 from pgproxy.proxy import Proxy
+
+from .helpers import REPO, ProxyProcess, cli_env, wait_for
 
 
 class ProxyThread:
@@ -151,3 +156,53 @@ def counter_table(pg: LocalPostgres) -> Iterator[None]:
     pg.execute("INSERT INTO safety VALUES (1, 0)", database="app")
     yield
     pg.execute("DROP TABLE safety", database="app")
+
+
+@pytest.fixture
+def start_cli(pg: LocalPostgres, tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
+    """`start_cli("--shutdown-timeout", "1")`: the CLI serving, once its port accepts."""
+    started: list[ProxyProcess] = []
+
+    def start(*extra: str, shutdown_timeout: str = "20") -> ProxyProcess:
+        port = free_port()
+        log_path = tmp_path / f"pgproxy-{port}.log"
+        command = [
+            sys.executable,
+            "-m",
+            "pgproxy",
+            "--listen",
+            f"127.0.0.1:{port}",
+            "--server",
+            f"{pg.host}:{pg.port}",
+            "--user",
+            "app:app-secret",
+            "--default-pool-size",
+            "2",
+            "--shutdown-timeout",
+            shutdown_timeout,
+            # Off: parallel proxies would fight over port 9127, and the monitor logs.
+            "--metrics-listen",
+            "",
+            "--monitor-interval",
+            "0",
+            *extra,
+        ]
+        with log_path.open("wb") as log_file:
+            process = subprocess.Popen(
+                command, cwd=REPO, env=cli_env(), stdout=log_file, stderr=subprocess.STDOUT
+            )
+        proxy = ProxyProcess(process, port, log_path)
+        started.append(proxy)
+
+        def accepting() -> bool:
+            assert process.poll() is None, f"pgproxy exited early:\n{proxy.log()}"
+            return not proxy.is_refusing()
+
+        wait_for(accepting, timeout=15, what="pgproxy to accept connections")
+        return proxy
+
+    yield start
+    for proxy in started:
+        if proxy.process.poll() is None:
+            proxy.process.kill()
+            proxy.process.wait(timeout=10)

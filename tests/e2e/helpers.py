@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import psycopg
@@ -74,3 +78,35 @@ class Background(threading.Thread):
         self.join(timeout)
         assert not self.is_alive(), "background call did not finish"
         return self.outcome
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class ProxyProcess:
+    process: subprocess.Popen[bytes]
+    port: int
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def log_lines(self, needle: str) -> list[str]:
+        return [line for line in self.log().splitlines() if needle in line]
+
+    def is_refusing(self) -> bool:
+        """True once nothing listens on the port any more."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                return False
+        except ConnectionRefusedError:
+            return True
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout=timeout)
+
+
+def cli_env() -> dict[str, str]:
+    # Settings from the developer's environment must not leak into the process under test.
+    return {k: v for k, v in os.environ.items() if not k.startswith("PGPROXY_")}

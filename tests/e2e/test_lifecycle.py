@@ -7,111 +7,28 @@ to a file so that tests can read the log while it runs.
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
 
 import psycopg
 import pytest
 
-from pgproxy.localpg import LocalPostgres, free_port
+from pgproxy.localpg import LocalPostgres
 from pgproxy.wire import messages
 
-from .helpers import connect, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class ProxyProcess:
-    process: subprocess.Popen[bytes]
-    port: int
-    log_path: Path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def log_lines(self, needle: str) -> list[str]:
-        return [line for line in self.log().splitlines() if needle in line]
-
-    def is_refusing(self) -> bool:
-        """True once nothing listens on the port any more."""
-        try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=1):
-                return False
-        except ConnectionRefusedError:
-            return True
-
-    def wait(self, timeout: float) -> int:
-        return self.process.wait(timeout=timeout)
+from .helpers import REPO, cli_env, connect, wait_for
 
 
 class Notice(NamedTuple):
     severity: str | None
     sqlstate: str | None
     message: str | None
-
-
-def _env() -> dict[str, str]:
-    # Settings from the developer's environment must not leak into the process under test.
-    return {k: v for k, v in os.environ.items() if not k.startswith("PGPROXY_")}
-
-
-@pytest.fixture
-def start_cli(pg: LocalPostgres, tmp_path: Path) -> Iterator[Callable[..., ProxyProcess]]:
-    """`start_cli("--shutdown-timeout", "1")`: the CLI serving, once its port accepts."""
-    started: list[ProxyProcess] = []
-
-    def start(*extra: str, shutdown_timeout: str = "20") -> ProxyProcess:
-        port = free_port()
-        log_path = tmp_path / f"pgproxy-{port}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "pgproxy",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--server",
-            f"{pg.host}:{pg.port}",
-            "--user",
-            "app:app-secret",
-            "--default-pool-size",
-            "2",
-            "--shutdown-timeout",
-            shutdown_timeout,
-            # Off: parallel proxies would fight over port 9127, and the monitor logs.
-            "--metrics-listen",
-            "",
-            "--monitor-interval",
-            "0",
-            *extra,
-        ]
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                command, cwd=REPO, env=_env(), stdout=log_file, stderr=subprocess.STDOUT
-            )
-        proxy = ProxyProcess(process, port, log_path)
-        started.append(proxy)
-
-        def accepting() -> bool:
-            assert process.poll() is None, f"pgproxy exited early:\n{proxy.log()}"
-            return not proxy.is_refusing()
-
-        wait_for(accepting, timeout=15, what="pgproxy to accept connections")
-        return proxy
-
-    yield start
-    for proxy in started:
-        if proxy.process.poll() is None:
-            proxy.process.kill()
-            proxy.process.wait(timeout=10)
 
 
 @pytest.fixture
@@ -312,7 +229,7 @@ def test_bad_setting_exits_2_with_one_line_naming_it() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "pgproxy", "--default-pool-size", "0"],
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         capture_output=True,
         text=True,
         timeout=30,

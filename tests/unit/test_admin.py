@@ -131,6 +131,7 @@ class FakeProxy:
     quiet_calls: int = 0
     killable: set[int] = field(default_factory=set)
     started_at: float = 40.0  # 60 s before now()
+    peers: None = None  # one worker
 
     def now(self) -> float:
         return 100.0
@@ -165,7 +166,7 @@ class FakeProxy:
         self.calls.append(("kill_client", client_id))
         return client_id in self.killable
 
-    def request_stop(self) -> None:
+    def request_shutdown(self) -> None:
         self.calls.append(("stop", None))
 
     def reload(self) -> list[str]:

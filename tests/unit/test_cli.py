@@ -27,7 +27,7 @@ def served(monkeypatch):
     calls: list[Settings] = []
     module = types.ModuleType("pgproxy.proxy")
 
-    def serve(settings: Settings, reload: object = None) -> int:
+    def serve(settings: Settings, reload: object = None, worker: object = None) -> int:
         calls.append(settings)
         return 0
 
@@ -164,7 +164,7 @@ def test_config_file_may_be_named_in_the_environment(served, tmp_path, monkeypat
 
 def test_main_returns_what_the_proxy_returns(monkeypatch):
     module = types.ModuleType("pgproxy.proxy")
-    module.serve = lambda settings, reload=None: 3  # type: ignore[attr-defined]
+    module.serve = lambda settings, reload=None, worker=None: 3  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "pgproxy.proxy", module)
     monkeypatch.setattr(logging, "basicConfig", lambda **kwargs: None)
     assert cli.main([]) == 3

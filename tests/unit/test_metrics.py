@@ -66,9 +66,9 @@ def test_a_head_over_the_limit_is_431_whether_complete_or_not():
     [
         (b"GET /metrics HTTP/1.1\r\nHost: x", Request("GET", "/metrics")),
         (b"HEAD /healthz HTTP/1.0", Request("HEAD", "/healthz")),
-        (b"GET /metrics?x=1&y=2 HTTP/1.0", Request("GET", "/metrics")),
+        (b"GET /metrics?x=1&y=2 HTTP/1.0", Request("GET", "/metrics", "x=1&y=2")),
         (b"GET /readyz#frag HTTP/1.0", Request("GET", "/readyz")),
-        (b"GET http://h:9127/metrics?q HTTP/1.1\r\nHost: h", Request("GET", "/metrics")),
+        (b"GET http://h:9127/metrics?q HTTP/1.1\r\nHost: h", Request("GET", "/metrics", "q")),
         (b"GET http://h HTTP/1.0", Request("GET", "/")),
         (b"POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0", Request("POST", "/metrics")),
         (b"GET / HTTP/1.1\r\nhOsT:x\r\nAccept:\t*/*", Request("GET", "/")),
