@@ -71,6 +71,25 @@ class PoolMode(StrEnum):
     SESSION = "session"
 
 
+class TlsMode(StrEnum):
+    """How much TLS a side of the proxy asks for (PgBouncer's and libpq's sslmode words)."""
+
+    DISABLE = "disable"
+    ALLOW = "allow"
+    PREFER = "prefer"
+    REQUIRE = "require"
+    VERIFY_CA = "verify-ca"
+    VERIFY_FULL = "verify-full"
+
+    @property
+    def verifies(self) -> bool:
+        return self in (TlsMode.VERIFY_CA, TlsMode.VERIFY_FULL)
+
+    @property
+    def requires(self) -> bool:
+        return self in (TlsMode.REQUIRE, TlsMode.VERIFY_CA, TlsMode.VERIFY_FULL)
+
+
 class LogLevel(StrEnum):
     DEBUG = "debug"
     INFO = "info"
@@ -640,12 +659,68 @@ class Settings(BaseSettings):
             "empty = none."
         ),
     )
+    client_tls_sslmode: TlsMode = Field(
+        default=TlsMode.DISABLE,  # same as PgBouncer
+        description=(
+            "TLS with clients: disable (refuse SSLRequest), allow/prefer (TLS when the client "
+            "asks), require (refuse plaintext clients), verify-ca (and a client certificate "
+            "signed by client_tls_ca_file), verify-full (and its CN equal to the user name)."
+        ),
+    )
+    client_tls_cert_file: str = Field(
+        default="", description="PEM certificate (chain) the proxy shows to clients."
+    )
+    client_tls_key_file: str = Field(
+        default="", description="PEM private key of client_tls_cert_file."
+    )
+    client_tls_ca_file: str = Field(
+        default="", description="PEM CA certificates that sign client certificates (verify-*)."
+    )
+    server_tls_sslmode: TlsMode = Field(
+        default=TlsMode.PREFER,  # same as PgBouncer
+        description=(
+            "TLS to Postgres: disable, allow/prefer (TLS when the server offers it), require, "
+            "verify-ca (the server's certificate signed by server_tls_ca_file, or the system's "
+            "CAs), verify-full (and its name equal to the server host)."
+        ),
+    )
+    server_tls_ca_file: str = Field(
+        default="", description="PEM CA certificates that sign Postgres' certificate."
+    )
+    server_tls_cert_file: str = Field(
+        default="", description="PEM client certificate the proxy shows to Postgres, if any."
+    )
+    server_tls_key_file: str = Field(
+        default="", description="PEM private key of server_tls_cert_file."
+    )
     log_level: LogLevel = Field(
         default=LogLevel.INFO,
         description="Least severe log messages written: debug, info, warning or error.",
     )
 
-    @field_validator("auth_type", "pool_mode", "log_level", mode="before")
+    @field_validator(
+        "client_tls_cert_file",
+        "client_tls_key_file",
+        "client_tls_ca_file",
+        "server_tls_ca_file",
+        "server_tls_cert_file",
+        "server_tls_key_file",
+    )
+    @classmethod
+    def _check_readable(cls, value: str) -> str:
+        if value and not os.access(value, os.R_OK):
+            problem = "no such file" if not os.path.exists(value) else "not readable"
+            raise ValueError(f"{value}: {problem}")
+        return value
+
+    @field_validator(
+        "auth_type",
+        "pool_mode",
+        "log_level",
+        "client_tls_sslmode",
+        "server_tls_sslmode",
+        mode="before",
+    )
     @classmethod
     def _lower_choices(cls, value: object) -> object:
         """Choices are case-insensitive: `PGPROXY_LOG_LEVEL=DEBUG` is fine."""
@@ -813,7 +888,9 @@ def load_settings(
     kwargs: dict[str, Any] = dict(flags)
     try:
         with _reading(_SourceInputs(config_file, environ)):
-            return Settings(**kwargs)
+            settings = Settings(**kwargs)
+        _check_together(settings)
+        return settings
     except ValidationError as exc:
         raise _config_error(exc, config_file) from None
     except OSError as exc:
@@ -822,6 +899,21 @@ def load_settings(
         raise ConfigError("config", f"{config_file}: {exc}") from None
     except SettingsError as exc:
         raise ConfigError("config", str(exc)) from None
+
+
+def _check_together(settings: Settings) -> None:
+    """Settings that are fine alone but not with the others; ConfigError names one of them."""
+    client = settings.client_tls_sslmode
+    if client is not TlsMode.DISABLE:
+        for name in ("client_tls_cert_file", "client_tls_key_file"):
+            if not getattr(settings, name):
+                raise ConfigError(name, f"is needed with client_tls_sslmode={client}")
+    if client.verifies and not settings.client_tls_ca_file:
+        raise ConfigError("client_tls_ca_file", f"is needed with client_tls_sslmode={client}")
+    if bool(settings.server_tls_cert_file) != bool(settings.server_tls_key_file):
+        raise ConfigError(
+            "server_tls_key_file", "server_tls_cert_file and server_tls_key_file go together"
+        )
 
 
 def _config_error(exc: ValidationError, config_file: Path | None) -> ConfigError:

@@ -15,19 +15,22 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
 from pgproxy.admin import ADMIN_DATABASES, AdminSession, admin_welcome
-from pgproxy.config import PoolMode, PoolPolicy, Settings
+from pgproxy.config import PoolMode, PoolPolicy, Settings, TlsMode
 from pgproxy.core.cancel import CancelKeys
 from pgproxy.core.client import ClientState
 from pgproxy.core.login import (
+    NO_TLS,
     Authenticated,
     AuthMethod,
     ClientLogin,
+    TlsPolicy,
     UserAuth,
     user_auth_from_password,
 )
@@ -43,6 +46,7 @@ from pgproxy.net.client_connection import ClientConnection
 from pgproxy.net.connector import open_server, send_cancel
 from pgproxy.net.flow import GateReason
 from pgproxy.net.server_connection import ServerConnection
+from pgproxy.net.tls import client_context, server_context
 from pgproxy.report import client_report
 from pgproxy.wire import messages
 from pgproxy.wire.codes import SqlState, TransactionStatus
@@ -142,6 +146,24 @@ class Proxy:
         self.metrics_port = 0
         self.monitor: ServerMonitor | None = None
         self._peer_server: asyncio.Server | None = None
+        self.client_tls: ssl.SSLContext | None = None
+        self.server_tls: ssl.SSLContext | None = None
+        self.tls_policy = NO_TLS
+        self._load_tls(settings)
+
+    def _load_tls(self, settings: Settings) -> None:
+        """The TLS contexts of `settings`; raises ConfigError (and changes nothing) if a
+        certificate or key does not load."""
+        client = client_context(settings)
+        server = server_context(settings)
+        mode = settings.client_tls_sslmode
+        self.client_tls = client
+        self.server_tls = server
+        self.tls_policy = TlsPolicy(
+            offered=client is not None,
+            required=mode.requires,
+            cert_names_user=mode is TlsMode.VERIFY_FULL,
+        )
 
     def share(self, total: int) -> int:
         """This process's part of a pool size or client limit (all of it with one worker)."""
@@ -298,6 +320,10 @@ class Proxy:
     def next_id(self) -> int:
         return next(self._ids)
 
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        """Run a control coroutine (a TLS handshake, ...); cancelled when the proxy stops."""
+        self._spawn(coro)
+
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         assert self._loop is not None
         task = self._loop.create_task(coro)
@@ -319,6 +345,7 @@ class Proxy:
             lookup_user=lookup,
             random_bytes=secrets.token_bytes,
             mock_seed=self._mock_seed,
+            tls=self.tls_policy,
         )
 
     def count_login_failure(self, database: str | None = None, user: str | None = None) -> None:
@@ -831,6 +858,9 @@ class Proxy:
             raise ConfigError("config", "this proxy was not started from a configuration")
         new = self._reload_settings()
         old = self.settings
+        # Certificates are read again even when their paths did not change (renewed in
+        # place); one that does not load fails the RELOAD before anything is applied.
+        self._load_tls(new)
         lines = []
         kept: dict[str, object] = {}
         for name in Settings.model_fields:

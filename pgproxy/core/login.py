@@ -22,8 +22,8 @@ from dataclasses import dataclass, field
 from enum import Enum, StrEnum, auto
 from typing import Final
 
-from pgproxy.errors import AuthError, ProtocolError
-from pgproxy.wire.codes import MAX_STARTUP_PACKET_LENGTH, FrontendCode
+from pgproxy.errors import AuthError, PgProxyError, ProtocolError
+from pgproxy.wire.codes import MAX_STARTUP_PACKET_LENGTH, FrontendCode, SqlState
 from pgproxy.wire.messages import (
     CancelRequest,
     GssEncRequest,
@@ -105,6 +105,23 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTls:
+    """Answer the SSLRequest with 'S' and start the TLS handshake; then call `tls_started`."""
+
+
+@dataclass(frozen=True, slots=True)
+class TlsPolicy:
+    """What the proxy's client side offers and demands (client_tls_sslmode)."""
+
+    offered: bool  # an SSLRequest is answered 'S'
+    required: bool  # a StartupMessage in plaintext is refused
+    cert_names_user: bool  # verify-full: the client certificate's CN must be the user
+
+
+NO_TLS = TlsPolicy(offered=False, required=False, cert_names_user=False)
+
+
+@dataclass(frozen=True, slots=True)
 class CancelRequested:
     """The connection was a CancelRequest: act on it, then close without answering."""
 
@@ -128,11 +145,12 @@ class Closed:
     """The client sent Terminate before logging in: close silently."""
 
 
-LoginEvent = Send | CancelRequested | Authenticated | Closed
+LoginEvent = Send | StartTls | CancelRequested | Authenticated | Closed
 
 
 class _Phase(Enum):
     STARTUP = auto()  # reading SSLRequest / GSSENCRequest / CancelRequest / StartupMessage
+    TLS_HANDSHAKE = auto()  # 'S' sent: the connection does the handshake, then tls_started
     SASL_INITIAL = auto()  # AuthenticationSASL sent, SASLInitialResponse expected
     SASL_FIRST = auto()  # empty SASLContinue sent, client-first in a SASLResponse expected
     SASL_FINAL = auto()  # server-first sent, client-final expected
@@ -157,7 +175,10 @@ class ClientLogin:
         "_phase",
         "_random_bytes",
         "_ssl_refused",
+        "_tls",
+        "_tls_name",
         "_user",
+        "encrypted",
     )
 
     def __init__(
@@ -167,8 +188,12 @@ class ClientLogin:
         lookup_user: Callable[[str], UserAuth | None],
         random_bytes: Callable[[int], bytes],
         mock_seed: bytes,
+        tls: TlsPolicy = NO_TLS,
     ) -> None:
         self._auth_method = auth_method
+        self._tls = tls
+        self.encrypted = False
+        self._tls_name: str | None = None
         self._lookup_user = lookup_user
         self._random_bytes = random_bytes
         self._mock_seed = mock_seed  # secret: makes mock salts unpredictable
@@ -192,6 +217,15 @@ class ClientLogin:
     def database(self) -> str | None:
         return self._database
 
+    def tls_started(self, common_name: str | None) -> None:
+        """The handshake that `StartTls` asked for succeeded; `common_name`: the client
+        certificate's CN, if it showed one."""
+        if self._buffer:
+            raise ProtocolError("received unencrypted data after SSL request")
+        self.encrypted = True
+        self._tls_name = common_name
+        self._phase = _Phase.STARTUP
+
     def feed(self, data: bytes) -> list[LoginEvent]:
         """Consume bytes from the client; return what to do, in order."""
         if self._phase is _Phase.DONE:
@@ -204,7 +238,7 @@ class ClientLogin:
 
     def _step(self, events: list[LoginEvent]) -> bool:
         """Handle one whole packet or message if buffered; False when there is nothing to do."""
-        if self._phase is _Phase.DONE:
+        if self._phase is _Phase.DONE or self._phase is _Phase.TLS_HANDSHAKE:
             return False
         if self._phase is _Phase.STARTUP:
             packet = self._take_startup_packet()
@@ -255,8 +289,16 @@ class ClientLogin:
         if isinstance(parsed, SslRequest):
             # The proxy's listener terminates TLS itself when configured; reaching here means
             # plaintext, so refuse and let the client continue in the clear (or give up).
-            if self._ssl_refused:
+            if self._ssl_refused or self.encrypted:
                 raise ProtocolError("duplicate SSLRequest")
+            if self._tls.offered:
+                if self._buffer:
+                    # Bytes sent before the handshake would be trusted as if encrypted
+                    # (CVE-2021-23214): Postgres refuses them the same way.
+                    raise ProtocolError("received unencrypted data after SSL request")
+                self._phase = _Phase.TLS_HANDSHAKE
+                events.append(StartTls())
+                return
             self._ssl_refused = True
             events.append(Send(b"N"))
         elif isinstance(parsed, GssEncRequest):
@@ -282,6 +324,18 @@ class ClientLogin:
         user = params.pop("user")
         self._user = user
         self._database = params.pop("database")
+        if self._tls.required and not self.encrypted:
+            raise PgProxyError(
+                "pgproxy accepts TLS connections only (client_tls_sslmode); connect with "
+                "sslmode=require or stronger",
+                sqlstate=SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+            )
+        if self._tls.cert_names_user and self._tls_name != user:
+            raise PgProxyError(
+                f'the client certificate does not name user "{user}" (its CN is '
+                f"{self._tls_name!r}; client_tls_sslmode=verify-full)",
+                sqlstate=SqlState.INVALID_AUTHORIZATION_SPECIFICATION,
+            )
         params.pop("replication", None)
         self._params = params
         auth = self._lookup_user(user)

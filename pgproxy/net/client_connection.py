@@ -9,11 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from time import monotonic
 from typing import TYPE_CHECKING, cast
 
 from pgproxy.core.client import ClientPhase, ClientState, uses_unnamed_statement_first
-from pgproxy.core.login import Authenticated, CancelRequested, ClientLogin, LoginEvent, Send
+from pgproxy.core.login import (
+    Authenticated,
+    CancelRequested,
+    ClientLogin,
+    LoginEvent,
+    Send,
+    StartTls,
+)
 from pgproxy.core.params import build_prelude
 from pgproxy.core.prepared import (
     CLOSE_COMPLETE,
@@ -26,6 +34,7 @@ from pgproxy.core.prepared import (
 from pgproxy.core.server import HOLD_CURSOR_PIN, DisconnectReason, ServerState
 from pgproxy.errors import PgProxyError, ServerError, Severity, TooManyClientsError
 from pgproxy.net.flow import GateReason, ReadGate
+from pgproxy.net.tls import peer_common_name
 from pgproxy.wire import messages
 from pgproxy.wire.codes import SSL_REQUEST_CODE, FrontendCode, SqlState, TransactionStatus
 
@@ -194,6 +203,9 @@ class ClientConnection(asyncio.Protocol):
         for event in events:
             if isinstance(event, Send):
                 self.write(event.data)
+            elif isinstance(event, StartTls):
+                self._start_tls()
+                return
             elif isinstance(event, CancelRequested):
                 self.proxy.cancel(event.pid, event.secret)
                 self.close(DisconnectReason.CANCEL)
@@ -205,6 +217,40 @@ class ClientConnection(asyncio.Protocol):
             else:  # Closed: Terminate during login
                 self.close(DisconnectReason.CLIENT_TERMINATE)
                 return
+
+    def _start_tls(self) -> None:
+        transport = self.transport
+        context = self.proxy.client_tls
+        assert transport is not None and context is not None
+        # Nothing may be read in the clear between the 'S' and the handshake.
+        transport.pause_reading()
+        transport.write(b"S")
+        self.proxy.spawn(self._handshake(transport, context))
+
+    async def _handshake(self, transport: asyncio.Transport, context: ssl.SSLContext) -> None:
+        loop = asyncio.get_running_loop()
+        timeout = self.proxy.settings.client_login_timeout or None
+        try:
+            tls = await loop.start_tls(
+                transport, self, context, server_side=True, ssl_handshake_timeout=timeout
+            )
+        except (OSError, ssl.SSLError, TimeoutError, ConnectionError) as exc:
+            log.warning("TLS handshake with %s failed: %s", self.address, exc)
+            self.proxy.count_login_failure()
+            if not transport.is_closing():
+                transport.abort()
+            return
+        if tls is None or self.closed or self._login is None:
+            if tls is not None:
+                tls.abort()
+            return
+        self.transport = tls
+        self.gate = ReadGate(tls)
+        cert = tls.get_extra_info("peercert")
+        try:
+            self._login.tls_started(peer_common_name(cert))
+        except PgProxyError as exc:
+            self.fail(exc, reason=DisconnectReason.LOGIN_FAILED)
 
     def start_session(self, state: ClientState, cancel_key: tuple[int, int]) -> None:
         """Login is accepted: the pool knows the server's parameters."""

@@ -16,6 +16,8 @@ from pgproxy.core.login import (
     ClientLogin,
     Closed,
     Send,
+    StartTls,
+    TlsPolicy,
     UserAuth,
     user_auth_from_password,
 )
@@ -398,3 +400,59 @@ def test_a_user_configured_with_a_scram_secret_logs_in_with_scram():
     events = scram_login(new_login(users=users), "pw", user="sam")
     assert isinstance(events[-1], Authenticated)
     assert base64.b64encode(events[-1].client_key) not in repr(events[-1]).encode()
+
+
+# --- TLS ----------------------------------------------------------------------------------
+
+TLS_REQUIRED = TlsPolicy(offered=True, required=True, cert_names_user=False)
+TLS_CERT_USER = TlsPolicy(offered=True, required=True, cert_names_user=True)
+
+
+def tls_login(tls: TlsPolicy) -> ClientLogin:
+    return ClientLogin(
+        auth_method=AuthMethod.TRUST,
+        lookup_user=USERS.get,
+        random_bytes=counter_bytes(),
+        mock_seed=b"mock-seed",
+        tls=tls,
+    )
+
+
+def test_an_ssl_request_starts_tls_when_offered_and_the_startup_follows_encrypted():
+    login = tls_login(TLS_REQUIRED)
+    assert login.feed(m.ssl_request()) == [StartTls()]
+    assert login.feed(b"") == []  # nothing is read until the handshake is done
+    login.tls_started(None)
+    events = login.feed(startup(database="db"))
+    assert isinstance(events[-1], Authenticated)
+    again = tls_login(TLS_REQUIRED)
+    again.feed(m.ssl_request())
+    again.tls_started(None)
+    with pytest.raises(ProtocolError, match="duplicate SSLRequest"):
+        again.feed(m.ssl_request())
+
+
+def test_plaintext_after_an_ssl_request_is_refused():
+    with pytest.raises(ProtocolError, match="unencrypted data after SSL request"):
+        tls_login(TLS_REQUIRED).feed(m.ssl_request() + startup(database="db"))
+
+
+def test_a_plaintext_startup_is_refused_when_tls_is_required():
+    with pytest.raises(PgProxyError) as caught:
+        tls_login(TLS_REQUIRED).feed(startup(database="db"))
+    assert caught.value.sqlstate == "28000"
+    refused = tls_login(TlsPolicy(offered=False, required=False, cert_names_user=False))
+    assert sent(refused.feed(m.ssl_request())) == b"N"
+
+
+def test_verify_full_wants_the_certificate_to_name_the_user():
+    login = tls_login(TLS_CERT_USER)
+    login.feed(m.ssl_request())
+    login.tls_started("mallory")
+    with pytest.raises(PgProxyError, match='does not name user "alice"') as caught:
+        login.feed(startup(database="db"))
+    assert caught.value.sqlstate == "28000"
+    ok = tls_login(TLS_CERT_USER)
+    ok.feed(m.ssl_request())
+    ok.tls_started("alice")
+    assert isinstance(ok.feed(startup(database="db"))[-1], Authenticated)
