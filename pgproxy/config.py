@@ -478,6 +478,34 @@ class Settings(BaseSettings):
             "How clients prove who they are: scram-sha-256, md5 or trust (PgBouncer's auth_type)."
         ),
     )
+    auth_user: str = Field(
+        default="",
+        description=(
+            "Look up users who are not in users with auth_query, logged in to Postgres as this "
+            "user (with its plain password from users, if it has an entry); empty = off."
+        ),
+    )
+    auth_query: str = Field(
+        default="SELECT usename, passwd FROM pgproxy.user_lookup($1)",
+        min_length=1,
+        description=(
+            "Query that returns (name, password secret) of the user named by $1; a NULL secret "
+            "or no row refuses the login. The default calls the SECURITY DEFINER function "
+            "of README 'Passwords in Postgres'."
+        ),
+    )
+    auth_dbname: str = Field(
+        default="postgres",
+        min_length=1,
+        description="Database auth_query runs in (where its function is installed).",
+    )
+    auth_cache_ttl: _Seconds = Field(
+        default=60.0,
+        description=(
+            "Seconds a user's secret fetched by auth_query is reused; after that a changed or "
+            "expired password takes effect. Unknown users are remembered as long."
+        ),
+    )
     users: Annotated[tuple[UserEntry, ...], NoDecode] = Field(
         default=(),
         description=(
@@ -910,6 +938,14 @@ def _check_together(settings: Settings) -> None:
                 raise ConfigError(name, f"is needed with client_tls_sslmode={client}")
     if client.verifies and not settings.client_tls_ca_file:
         raise ConfigError("client_tls_ca_file", f"is needed with client_tls_sslmode={client}")
+    if settings.auth_user:
+        entry = next((u for u in settings.users if u.name == settings.auth_user), None)
+        if entry is not None and entry.password_kind is not PasswordKind.PLAINTEXT:
+            raise ConfigError(
+                "auth_user",
+                f"{settings.auth_user!r} needs its plain password in users (the proxy logs in "
+                "to Postgres as it to run auth_query), or no entry there (trust, cert)",
+            )
     if bool(settings.server_tls_cert_file) != bool(settings.server_tls_key_file):
         raise ConfigError(
             "server_tls_key_file", "server_tls_cert_file and server_tls_key_file go together"

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from pgproxy.admin import ADMIN_DATABASES, AdminSession, admin_welcome
+from pgproxy.auth_query import AuthCache
 from pgproxy.config import PoolMode, PoolPolicy, Settings, TlsMode
 from pgproxy.core.cancel import CancelKeys
 from pgproxy.core.client import ClientState
@@ -150,6 +151,8 @@ class Proxy:
         self.server_tls: ssl.SSLContext | None = None
         self.tls_policy = NO_TLS
         self._load_tls(settings)
+        # Users looked up in Postgres (auth_user + auth_query).
+        self.auth_cache = AuthCache(lambda: self.settings)
 
     def _load_tls(self, settings: Settings) -> None:
         """The TLS contexts of `settings`; raises ConfigError (and changes nothing) if a
@@ -212,7 +215,11 @@ class Proxy:
             self.monitor = ServerMonitor(self.settings)
             self.monitor.start()
         self._spawn(self._watchdog())
-        if not self.users and self.settings.auth_type.value != "trust":
+        if (
+            not self.users
+            and not self.settings.auth_user
+            and self.settings.auth_type.value != "trust"
+        ):
             log.warning("no users configured: every login will fail (see --user)")
         log.info(
             "%slistening on %s:%d, server %s:%d, pool_mode=%s, default_pool_size=%d",
@@ -291,6 +298,7 @@ class Proxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         if self._listener is not None:
             await self._listener.wait_closed()
+        self.auth_cache.close()
         if self.monitor is not None:
             self.monitor.stop()
         for endpoint in (self._metrics_server, self._peer_server):
@@ -333,12 +341,18 @@ class Proxy:
     def new_client_login(self) -> ClientLogin:
         method = AuthMethod(self.settings.auth_type.value)
         users = self.users
+        cache = self.auth_cache if self.settings.auth_user else None
 
         def lookup(name: str) -> UserAuth | None:
             auth = users.get(name)
+            if auth is None and cache is not None:
+                auth = cache.get(name)
             if auth is None and method is AuthMethod.TRUST:
                 return UserAuth(name=name, password=None, scram=None, md5=None)
             return auth
+
+        def needs_lookup(name: str) -> bool:
+            return cache is not None and name not in users and not cache.fresh(name)
 
         return ClientLogin(
             auth_method=method,
@@ -346,6 +360,7 @@ class Proxy:
             random_bytes=secrets.token_bytes,
             mock_seed=self._mock_seed,
             tls=self.tls_policy,
+            needs_lookup=needs_lookup if cache is not None else None,
         )
 
     def count_login_failure(self, database: str | None = None, user: str | None = None) -> None:
@@ -627,7 +642,7 @@ class Proxy:
         upstream = self.settings.server
         if upstream.user:
             return ServerCredentials(user=upstream.user, password=upstream.password)
-        auth = self.users.get(user)
+        auth = self.users.get(user) or self.auth_cache.known(user)
         if auth is None:
             return ServerCredentials(user=user)
         return ServerCredentials(

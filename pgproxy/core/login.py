@@ -105,6 +105,13 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class LookupUser:
+    """The user must be fetched (auth_query) first; then call `user_found`."""
+
+    user: str
+
+
+@dataclass(frozen=True, slots=True)
 class StartTls:
     """Answer the SSLRequest with 'S' and start the TLS handshake; then call `tls_started`."""
 
@@ -145,12 +152,13 @@ class Closed:
     """The client sent Terminate before logging in: close silently."""
 
 
-LoginEvent = Send | StartTls | CancelRequested | Authenticated | Closed
+LoginEvent = Send | StartTls | LookupUser | CancelRequested | Authenticated | Closed
 
 
 class _Phase(Enum):
     STARTUP = auto()  # reading SSLRequest / GSSENCRequest / CancelRequest / StartupMessage
     TLS_HANDSHAKE = auto()  # 'S' sent: the connection does the handshake, then tls_started
+    LOOKUP = auto()  # LookupUser emitted: waiting for user_found
     SASL_INITIAL = auto()  # AuthenticationSASL sent, SASLInitialResponse expected
     SASL_FIRST = auto()  # empty SASLContinue sent, client-first in a SASLResponse expected
     SASL_FINAL = auto()  # server-first sent, client-final expected
@@ -171,6 +179,7 @@ class ClientLogin:
         "_md5_salt",
         "_md5_secret",
         "_mock_seed",
+        "_needs_lookup",
         "_params",
         "_phase",
         "_random_bytes",
@@ -189,8 +198,11 @@ class ClientLogin:
         random_bytes: Callable[[int], bytes],
         mock_seed: bytes,
         tls: TlsPolicy = NO_TLS,
+        needs_lookup: Callable[[str], bool] | None = None,
     ) -> None:
         self._auth_method = auth_method
+        # True for a user `lookup_user` does not know yet (auth_query, not cached).
+        self._needs_lookup = needs_lookup
         self._tls = tls
         self.encrypted = False
         self._tls_name: str | None = None
@@ -238,7 +250,7 @@ class ClientLogin:
 
     def _step(self, events: list[LoginEvent]) -> bool:
         """Handle one whole packet or message if buffered; False when there is nothing to do."""
-        if self._phase is _Phase.DONE or self._phase is _Phase.TLS_HANDSHAKE:
+        if self._phase in (_Phase.DONE, _Phase.TLS_HANDSHAKE, _Phase.LOOKUP):
             return False
         if self._phase is _Phase.STARTUP:
             packet = self._take_startup_packet()
@@ -338,8 +350,25 @@ class ClientLogin:
             )
         params.pop("replication", None)
         self._params = params
-        auth = self._lookup_user(user)
+        if self._needs_lookup is not None and self._needs_lookup(user):
+            self._phase = _Phase.LOOKUP
+            events.append(LookupUser(user))
+            return
+        self._challenge(user, self._lookup_user(user), events)
 
+    def user_found(self, auth: UserAuth | None) -> list[LoginEvent]:
+        """The answer to `LookupUser` (None: no such user); the login goes on."""
+        if self._phase is not _Phase.LOOKUP or self._user is None:
+            raise ProtocolError("no user lookup in progress")
+        self._phase = _Phase.STARTUP  # _challenge sets the next phase
+        events: list[LoginEvent] = []
+        self._challenge(self._user, auth, events)
+        while self._step(events):  # anything the client sent meanwhile
+            pass
+        return events
+
+    def _challenge(self, user: str, auth: UserAuth | None, events: list[LoginEvent]) -> None:
+        """Ask for the password (or let a trusted user in)."""
         if self._auth_method is AuthMethod.TRUST:
             self._authenticated(events, None)
         elif self._auth_method is AuthMethod.SCRAM_SHA_256:

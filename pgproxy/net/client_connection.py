@@ -19,6 +19,7 @@ from pgproxy.core.login import (
     CancelRequested,
     ClientLogin,
     LoginEvent,
+    LookupUser,
     Send,
     StartTls,
 )
@@ -206,6 +207,9 @@ class ClientConnection(asyncio.Protocol):
             elif isinstance(event, StartTls):
                 self._start_tls()
                 return
+            elif isinstance(event, LookupUser):
+                self.proxy.spawn(self._look_up(event.user))
+                return
             elif isinstance(event, CancelRequested):
                 self.proxy.cancel(event.pid, event.secret)
                 self.close(DisconnectReason.CANCEL)
@@ -250,6 +254,39 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._login.tls_started(peer_common_name(cert))
         except PgProxyError as exc:
+            self.fail(exc, reason=DisconnectReason.LOGIN_FAILED)
+
+    async def _look_up(self, user: str) -> None:
+        cache = self.proxy.auth_cache
+        assert cache is not None
+        try:
+            auth = await cache.fetch(user)
+        except PgProxyError as exc:
+            if not self.closed:
+                self.proxy.count_login_failure()
+                self.fail(
+                    PgProxyError(
+                        "could not look up the password of this user (auth_query); see the "
+                        "pgproxy log",
+                        sqlstate=exc.sqlstate,
+                    ),
+                    reason=DisconnectReason.LOGIN_FAILED,
+                )
+            return
+        login = self._login
+        if self.closed or login is None:
+            return
+        try:
+            self._handle_login_events(login.user_found(auth))
+        except PgProxyError as exc:
+            log.warning(
+                "login failed for user=%s database=%s from %s: %s",
+                login.user or "-",
+                login.database or "-",
+                self.address,
+                exc.message,
+            )
+            self.proxy.count_login_failure(login.database, login.user)
             self.fail(exc, reason=DisconnectReason.LOGIN_FAILED)
 
     def start_session(self, state: ClientState, cancel_key: tuple[int, int]) -> None:

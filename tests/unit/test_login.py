@@ -15,6 +15,7 @@ from pgproxy.core.login import (
     CancelRequested,
     ClientLogin,
     Closed,
+    LookupUser,
     Send,
     StartTls,
     TlsPolicy,
@@ -456,3 +457,23 @@ def test_verify_full_wants_the_certificate_to_name_the_user():
     ok.feed(m.ssl_request())
     ok.tls_started("alice")
     assert isinstance(ok.feed(startup(database="db"))[-1], Authenticated)
+
+
+# --- users fetched first (auth_query) ------------------------------------------------------
+
+
+def test_an_unknown_user_is_looked_up_before_the_challenge_and_then_logs_in():
+    known: dict[str, UserAuth] = {}
+    login = ClientLogin(
+        auth_method=AuthMethod.SCRAM_SHA_256,
+        lookup_user=known.get,
+        random_bytes=counter_bytes(),
+        mock_seed=b"mock-seed",
+        needs_lookup=lambda name: name not in known,
+    )
+    assert login.feed(startup(database="db")) == [LookupUser("alice")]
+    assert login.feed(b"") == []  # waits for the answer
+    events = login.user_found(ALICE)
+    assert sent(events)[:1] == b"R"  # AuthenticationSASL: the challenge goes out now
+    with pytest.raises(ProtocolError):
+        login.user_found(ALICE)  # only one answer per lookup
