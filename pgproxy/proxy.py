@@ -684,7 +684,8 @@ class Proxy:
         if lifetime > 0 and now - st.created_at >= lifetime:
             self.close_server(server, DisconnectReason.LIFETIME)
             return
-        if server.target != self._targets.get(pool.key):
+        if server.target != self._targets.get(pool.key) or pool.total > pool.size:
+            # Moved upstream, or the pool was made smaller by a RELOAD.
             self.close_server(server, DisconnectReason.CONFIG_CHANGED)
             return
         st.last_used_at = now
@@ -901,6 +902,10 @@ class Proxy:
             policy = self.policy(pool)
             pool.size = self.share(policy.pool_size)
             pool.min_size = min(self.share(self.settings.min_pool_size), pool.size)
+            # Smaller: idle servers over the size go now, busy ones at checkin.
+            excess = pool.total - pool.size
+            for server, _since in list(pool.idle_servers())[: max(excess, 0)]:
+                self.close_server(server, DisconnectReason.CONFIG_CHANGED)
             target = self._resolve(key.database)
             if target is not None and target != self._targets.get(key):
                 # Servers of the old target go: the idle ones now, the others at checkin.

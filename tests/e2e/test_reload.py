@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -13,7 +15,7 @@ from pgproxy.errors import ConfigError
 from pgproxy.localpg import LocalPostgres
 
 from .conftest import ProxyThread
-from .helpers import APP_PASSWORD, connect, conninfo
+from .helpers import APP_PASSWORD, connect, conninfo, wait_for
 
 
 def reloading(proxy: ProxyThread, base: dict[str, object]) -> Callable[..., list[str]]:
@@ -77,3 +79,80 @@ def test_a_bad_configuration_changes_nothing(pg: LocalPostgres, make_proxy) -> N
         reload(default_pool_size="0")
     assert info.value.setting == "default_pool_size"
     assert proxy.proxy.settings is before
+
+
+def test_reload_resizes_a_pool_under_load_without_a_single_client_error(
+    pg: LocalPostgres, make_proxy
+) -> None:
+    proxy = make_proxy()
+    reload = reloading(proxy, base_flags(pg, proxy))
+    stop = asyncio.Event()
+    errors: list[BaseException] = []
+    done = 0
+
+    async def client() -> None:
+        nonlocal done
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=proxy.port, user="app", password=APP_PASSWORD, database="app"
+        )
+        try:
+            while not stop.is_set():
+                try:
+                    async with conn.transaction():
+                        await conn.fetchval("SELECT pg_sleep(0.005)")
+                        await conn.fetchval("SELECT 1")
+                    done += 1
+                except Exception as exc:
+                    errors.append(exc)
+                    return
+        finally:
+            await conn.close()
+
+    def size() -> int:
+        return int(proxy.call(lambda: report.pools(proxy.proxy, proxy.proxy.now())[0].size))
+
+    async def run() -> list[int]:
+        tasks = [asyncio.create_task(client()) for _ in range(30)]
+        sizes = []
+        for pool_size in ("6", "3", "8", "2"):
+            await asyncio.sleep(0.3)  # load runs at the old size for a while
+            await asyncio.to_thread(reload, default_pool_size=pool_size)
+            sizes.append(await asyncio.to_thread(size))
+            peak = await asyncio.to_thread(pg.backends, user="app")
+            assert peak <= max(int(pool_size), 8)
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*tasks)
+        return sizes
+
+    sizes = asyncio.run(run())
+    assert not errors, errors[:3]
+    assert sizes == [6, 3, 8, 2]
+    assert done > 100
+    # Shrunk to 2: the extra servers were closed as they came back.
+    wait_for(lambda: pg.backends(user="app") <= 2, what="the pool to shrink to 2 servers")
+
+
+def test_a_moved_upstream_lets_the_open_transaction_finish_then_replaces_its_server(
+    pg: LocalPostgres, make_proxy
+) -> None:
+    proxy = make_proxy()
+    reload = reloading(proxy, base_flags(pg, proxy))
+    with connect(proxy.port) as busy, connect(proxy.port) as other:
+        busy.execute("BEGIN")
+        old_pid = busy.execute("SELECT pg_backend_pid()").fetchone()
+        # The same cluster under another name: for the proxy, a new address.
+        lines = reload(server=f"localhost:{pg.port}")
+        assert f"server: postgresql://{pg.host}:{pg.port} -> postgresql://localhost:{pg.port}" in (
+            lines
+        )
+        assert busy.execute("SELECT pg_backend_pid()").fetchone() == old_pid  # undisturbed
+        busy.execute("COMMIT")
+
+        def old_backend_gone() -> bool:
+            rows = pg.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", old_pid[0])
+            return rows == [(0,)]
+
+        wait_for(old_backend_gone, what="the old server to be closed once back")
+        assert other.execute("SELECT pg_backend_pid()").fetchone() != old_pid
+        assert busy.execute("SELECT 1").fetchone() == (1,)
