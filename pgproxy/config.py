@@ -673,6 +673,13 @@ class Settings(BaseSettings):
             "Disconnect a client that has not logged in after this many seconds; 0 = never."
         ),
     )
+    shutdown_grace_period: _Seconds = Field(
+        default=0.0,
+        description=(
+            "On SIGTERM, seconds pgproxy still accepts and serves new clients while /readyz "
+            "already fails, so that load balancers stop sending them; then the drain starts."
+        ),
+    )
     shutdown_timeout: _Seconds = Field(
         default=30.0,
         description=(

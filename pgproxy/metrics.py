@@ -461,7 +461,7 @@ def proxy_view(proxy: Proxy) -> ProxyView:
         clients_logging_in=sum(1 for c in proxy.clients if c.state is None),
         max_client_conn=proxy.max_clients,
         login_failures=proxy.login_failures,
-        draining=proxy.draining,
+        draining=proxy.stopping,
         monitor=None if monitor is None else monitor.snapshot(),
         cancels_forwarded=None if proxy.peers is None else proxy.peers.forwarded_cancels,
     )
@@ -544,7 +544,7 @@ class MetricsEndpoint(HttpEndpoint):
     def readiness(self) -> tuple[bool, str] | None:
         """(ready, reason) when known without a probe; None: `probe()` must be awaited."""
         proxy = self.proxy
-        if proxy.draining:
+        if proxy.stopping:
             return False, "draining: pgproxy is shutting down"
         if any(p.idle or p.active for p in proxy.pools.values()):
             return True, "ok"
@@ -557,7 +557,7 @@ class MetricsEndpoint(HttpEndpoint):
         if self._probe is None:
             self._probe = self.loop.create_task(self._probe_once())
         ready, reason = await asyncio.shield(self._probe)
-        if self.proxy.draining:
+        if self.proxy.stopping:
             return False, "draining: pgproxy is shutting down"
         return ready, reason
 

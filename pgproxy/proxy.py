@@ -117,6 +117,9 @@ class Proxy:
         self.cancel_keys: CancelKeys[ClientConnection] = CancelKeys(
             lambda: secrets.randbits(32), first=first, step=step
         )
+        # SIGTERM seen: /readyz fails; new clients are still served for shutdown_grace_period.
+        self.stopping = False
+        # The drain itself: no new clients, linked ones finish, then everything closes.
         self.draining = False
         self.login_failures = 0
         self.pins_total = 0
@@ -239,8 +242,19 @@ class Proxy:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
-        assert self._stop is not None
+        assert self._stop is not None and self._force is not None
         await self._stop.wait()
+        grace = self.settings.shutdown_grace_period
+        if grace > 0 and not self._force.is_set():
+            log.info(
+                "stop requested: /readyz fails; still serving new clients for %g s "
+                "(shutdown_grace_period)",
+                grace,
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._force.wait()  # a second signal ends the grace at once
+        log.info("stop requested: no new clients; waiting for linked clients to finish")
         await self.drain()
         return 0
 
@@ -250,7 +264,7 @@ class Proxy:
             log.warning("second stop signal: closing all connections now")
             self._force.set()
             return
-        log.info("stop requested: no new clients; waiting for linked clients to finish")
+        self.stopping = True
         self._stop.set()
 
     def request_shutdown(self) -> None:
@@ -265,6 +279,7 @@ class Proxy:
     async def drain(self) -> None:
         """Stop accepting, let linked clients finish their transaction, then close all."""
         assert self._force is not None and self._no_clients is not None
+        self.stopping = True
         self.draining = True
         if self._listener is not None:
             self._listener.close()

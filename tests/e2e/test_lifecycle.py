@@ -12,6 +12,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -19,7 +21,7 @@ from typing import NamedTuple
 import psycopg
 import pytest
 
-from pgproxy.localpg import LocalPostgres
+from pgproxy.localpg import LocalPostgres, free_port
 from pgproxy.wire import messages
 
 from .helpers import REPO, cli_env, connect, wait_for
@@ -259,3 +261,47 @@ def test_sighup_reloads_the_config_file_and_a_bad_one_changes_nothing(
     with connect(proxy.port) as conn, pytest.raises(psycopg.errors.QueryCanceled):
         conn.execute("SELECT pg_sleep(30)")
     assert proxy.process.poll() is None
+
+
+def test_the_grace_period_fails_readyz_at_once_serves_new_clients_then_drains(
+    pg: LocalPostgres, start_cli, table: str
+) -> None:
+    """A rolling deploy: SIGTERM; /readyz fails while new clients are still served for
+    shutdown_grace_period; then idle clients get 57P01, the open transaction commits, exit 0."""
+    metrics_port = free_port()
+    proxy = start_cli(
+        "--shutdown-grace-period", "1.5", "--metrics-listen", f"127.0.0.1:{metrics_port}"
+    )
+    ready = f"http://127.0.0.1:{metrics_port}/readyz"
+
+    def readyz() -> int:
+        try:
+            with urllib.request.urlopen(ready, timeout=5) as reply:
+                return int(reply.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    assert readyz() == 200
+    idle = connect(proxy.port)
+    linked = connect(proxy.port)
+    try:
+        idle.execute("SELECT 1")
+        linked.execute("BEGIN")
+        linked.execute(f"INSERT INTO {table} VALUES (1)")
+        sent_at = time.monotonic()
+        proxy.process.send_signal(signal.SIGTERM)
+        wait_for(lambda: readyz() == 503, timeout=1, what="/readyz to fail")
+        with connect(proxy.port) as late:  # still accepted during the grace period
+            assert late.execute("SELECT 2").fetchone() == (2,)
+        assert idle.execute("SELECT 3").fetchone() == (3,)
+        assert time.monotonic() - sent_at < 1.5  # all of this within the grace period
+        wait_for(proxy.is_refusing, timeout=5, what="the listener to close after the grace")
+        assert time.monotonic() - sent_at >= 1.4
+        received = _drain_socket(idle, timeout=3)
+        assert [e["C"] for e in _error_fields(received)] == ["57P01"]
+        linked.execute("COMMIT")
+    finally:
+        idle.close()
+        linked.close()
+    assert proxy.wait(timeout=10) == 0, proxy.log()
+    assert _rows(pg, table) == [1]
