@@ -4,14 +4,16 @@
     .venv/bin/python bench/run.py [--clients 50,200,1000] [--rounds 3] [--duration 15]
                                   [--workloads select-simple,storm|all|none] [--targets …]
                                   [--large] [--idle [--idle-clients 10000]] [--syscalls]
+                                  [--login-storm [--login-storm-clients 2000]]
                                   [--out bench/RESULTS.md] [--plot PATH | --no-plot] [--quick]
 
 Sections, in the order they run: pgbench rounds (workloads x client counts x targets,
 interleaved and rotated; `pgbench_rounds.py`), system calls per transaction
 (`syscall_count.py`, on the same poolers), a large result to a fast and a slow client
-(`large_result.py`) and thousands of idle clients (`idle_clients.py`), each of the last two
-on freshly started targets. The machines we run on are shared and noisy, so absolute
-numbers mean little: the report leads with ratios between targets measured side by side.
+(`large_result.py`), thousands of idle clients (`idle_clients.py`) and a storm of new
+logins beside a linked client (`login_storm.py`), each of the last three on freshly started
+targets. The machines we run on are shared and noisy, so absolute numbers mean little: the
+report leads with ratios between targets measured side by side.
 
 Everything started here (a throw-away cluster, PgBouncer, pgproxy) is stopped again on
 exit, Ctrl-C or error.
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import idle_clients
 import large_result
+import login_storm
 import pgbench_rounds
 import plot_results
 import report
@@ -63,6 +66,9 @@ PGBENCH_RUN_OVERHEAD = 1.5
 LARGE_TABLE_SECONDS_PER_MILLION = 4.0
 FAST_READ_SECONDS = 1.5
 IDLE_LOGINS_PER_SECOND = 5000.0
+# The storm's process start, the linked client's baseline, and serving the storm.
+LOGIN_STORM_OVERHEAD_SECONDS = 3.0
+STORM_LOGINS_PER_SECOND = 1000.0
 
 
 @dataclass
@@ -80,6 +86,7 @@ class Run:
     syscall_tool_note: str = ""
     large: list[LargeRead] = field(default_factory=list)
     idle: list[idle_clients.IdleResult] = field(default_factory=list)
+    login_storm: list[login_storm.StormResult] = field(default_factory=list)
     plot_note: str = ""
 
 
@@ -92,7 +99,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--all",
         action="store_true",
         help="the issue's whole matrix: every workload (storm included) at 50,200,1000 "
-        "clients, 3 rounds, plus --large, --idle and --syscalls, report to bench/RESULTS.md",
+        "clients, 3 rounds, plus --large, --idle, --login-storm and --syscalls, report to "
+        "bench/RESULTS.md",
     )
     parser.add_argument("--clients", help="comma-separated client counts (default 50,200,1000)")
     parser.add_argument("--rounds", type=int, help="rounds over all client counts (default 3)")
@@ -103,7 +111,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "--targets",
         default="direct,pgbouncer,pgproxy",
         help="comma-separated subset of direct,pgbouncer,pgproxy,pgproxy-nometrics (pgproxy "
-        "with /metrics off and no server monitor: the cost of observability)",
+        "with /metrics off and no server monitor: the cost of observability),pgproxy-w2 "
+        "(--workers 2)",
     )
     parser.add_argument(
         "--workloads",
@@ -138,6 +147,24 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     idle.add_argument(
         "--idle-clients", type=int, default=10_000, help="idle clients per pooler (default 10,000)"
     )
+    storm = parser.add_argument_group("login storm")
+    storm.add_argument(
+        "--login-storm",
+        action="store_true",
+        help="run the login-storm section: new clients arrive while a linked client queries",
+    )
+    storm.add_argument(
+        "--login-storm-clients",
+        type=int,
+        default=2000,
+        help="new clients per pooler (default 2,000)",
+    )
+    storm.add_argument(
+        "--login-storm-seconds",
+        type=float,
+        default=1.0,
+        help="seconds over which they arrive (default 1)",
+    )
     syscalls = parser.add_argument_group("system calls")
     syscalls.add_argument(
         "--syscalls", action="store_true", help="count each pooler's system calls per tx"
@@ -163,7 +190,7 @@ def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """Fill what --all and --quick imply; explicit flags win over both."""
     quick = args.quick
     if args.all:
-        args.large = args.idle = args.syscalls = True
+        args.large = args.idle = args.login_storm = args.syscalls = True
     args.clients = args.clients or ("10,50" if quick else "50,200,1000")
     args.rounds = args.rounds or (1 if quick else 3)
     args.duration = args.duration or (3 if quick else 15)
@@ -182,8 +209,10 @@ def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
     args.workloads = [WORKLOADS[w] for w in parse_workloads(parser, args)]
-    if not (args.workloads or args.large or args.idle or args.syscalls):
-        parser.error("nothing to run: --workloads none and no --large, --idle or --syscalls")
+    if not (args.workloads or args.large or args.idle or args.login_storm or args.syscalls):
+        parser.error(
+            "nothing to run: --workloads none and no --large, --idle, --login-storm or --syscalls"
+        )
 
 
 def parse_workloads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
@@ -232,6 +261,11 @@ def estimate_seconds(args: argparse.Namespace) -> float:
     if args.idle:
         per_pooler = args.idle_clients / IDLE_LOGINS_PER_SECOND + 4 * idle_clients.SETTLE_SECONDS
         total += poolers * (TARGET_START_SECONDS + per_pooler)
+    if args.login_storm:
+        per_pooler = max(
+            args.login_storm_seconds, args.login_storm_clients / STORM_LOGINS_PER_SECOND
+        )
+        total += poolers * (TARGET_START_SECONDS + LOGIN_STORM_OVERHEAD_SECONDS + per_pooler)
     return total
 
 
@@ -325,6 +359,23 @@ def idle_section(run: Run, pg: LocalPostgres, workdir: Path, config: PoolerConfi
         run.idle = idle_clients.run_idle(active, args.idle_clients)
 
 
+def login_storm_section(run: Run, pg: LocalPostgres, workdir: Path, config: PoolerConfig) -> None:
+    args = run.args
+    names = pooler_names(args)
+    print(
+        f"login-storm section (fresh poolers, {args.login_storm_clients:,} new clients in "
+        f"{args.login_storm_seconds:g} s each):",
+        flush=True,
+    )
+    # Room for the storm, the linked client, the storm's warm-up login and a margin.
+    crowd = PoolerConfig(config.pool_size, args.login_storm_clients + 100, config.scram_secret)
+    with running_targets(names, workdir / "login-storm", pg, crowd) as targets:
+        active = note_targets(run, "login-storm", targets)
+        run.login_storm = login_storm.run_login_storm(
+            active, args.login_storm_clients, args.login_storm_seconds
+        )
+
+
 # -- report ----------------------------------------------------------------------------
 
 
@@ -356,6 +407,10 @@ def render(run: Run) -> str:
         )
     if args.idle:
         lines += idle_clients.render(run.idle, args.idle_clients)
+    if args.login_storm:
+        lines += login_storm.render(
+            run.login_storm, args.login_storm_clients, args.login_storm_seconds
+        )
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -400,6 +455,9 @@ def print_plan(args: argparse.Namespace) -> None:
         "syscalls" if args.syscalls else "",
         f"large result ({args.large_rows:,} rows x {args.large_reps})" if args.large else "",
         f"{args.idle_clients:,} idle clients" if args.idle else "",
+        f"login storm ({args.login_storm_clients:,} clients in {args.login_storm_seconds:g} s)"
+        if args.login_storm
+        else "",
     ]
     print(
         f"plan: {'; '.join(s for s in sections if s)}; targets {','.join(args.targets)}\n"
@@ -412,8 +470,14 @@ def print_plan(args: argparse.Namespace) -> None:
 def main(argv: Sequence[str]) -> int:
     args = parse_args(argv)
     print_plan(args)
-    # Our idle clients and the poolers serving them each need a descriptor per connection.
-    raise_fd_limit(args.idle_clients + 1000 if args.idle else 0)
+    # Our idle clients or storm and the poolers serving them each need a descriptor per
+    # connection.
+    raise_fd_limit(
+        max(
+            args.idle_clients + 1000 if args.idle else 0,
+            args.login_storm_clients + 1000 if args.login_storm else 0,
+        )
+    )
     # Turn SIGTERM into SystemExit so the finally blocks stop everything we started.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     most = max(args.clients, default=0) if args.workloads else 0
@@ -444,6 +508,8 @@ def main(argv: Sequence[str]) -> int:
                 large_section(run, pg, workdir, config)
             if args.idle:
                 idle_section(run, pg, workdir, config)
+            if args.login_storm:
+                login_storm_section(run, pg, workdir, config)
         except subprocess.CalledProcessError as exc:
             print(f"{shlex.join(exc.cmd)} failed:\n{exc.stderr.decode(errors='replace')}")
             return 1

@@ -32,7 +32,7 @@ from pgproxy.localpg import PG_OS_USER, Credentials, LocalPostgres, free_port
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Credentials(user="bench", password="bench-secret", database="bench")
 HOST = "127.0.0.1"
-TARGET_NAMES = ("direct", "pgbouncer", "pgproxy", "pgproxy-nometrics")
+TARGET_NAMES = ("direct", "pgbouncer", "pgproxy", "pgproxy-nometrics", "pgproxy-w2")
 POOLERS = frozenset(TARGET_NAMES) - {"direct"}
 # How long a pooler may take to accept TCP connections after it was spawned.
 START_TIMEOUT = 15.0
@@ -196,13 +196,21 @@ def start_pgbouncer(workdir: Path, pg: LocalPostgres, config: PoolerConfig) -> T
 
 
 def start_pgproxy(
-    workdir: Path, pg: LocalPostgres, config: PoolerConfig, *, metrics: bool = True
+    workdir: Path,
+    pg: LocalPostgres,
+    config: PoolerConfig,
+    *,
+    metrics: bool = True,
+    workers: int = 1,
 ) -> Target:
     """pgproxy with its metrics endpoint and server monitor, or without either
-    (`pgproxy-nometrics`): the pair shows what observability costs."""
+    (`pgproxy-nometrics`): the pair shows what observability costs. `pgproxy-w2`: two
+    workers (its CPU is the supervisor's and the workers')."""
     port = free_port(HOST)
     metrics_port = free_port(HOST) if metrics else None
     name = "pgproxy" if metrics else "pgproxy-nometrics"
+    if workers > 1:
+        name = f"pgproxy-w{workers}"
     command = [
         sys.executable, "-m", "pgproxy",
         "--listen", f"{HOST}:{port}",
@@ -213,6 +221,7 @@ def start_pgproxy(
         "--max-client-conn", str(config.max_client_conn),
         "--metrics-listen", f"{HOST}:{metrics_port}" if metrics_port else "",
         *([] if metrics else ["--monitor-interval", "0"]),
+        "--workers", str(workers),
     ]  # fmt: skip
     log = workdir / f"{name}.log"
     process = spawn(command, log, cwd=REPO)
@@ -224,6 +233,8 @@ def start_target(name: str, workdir: Path, pg: LocalPostgres, config: PoolerConf
         return Target("direct", pg.port)
     if name == "pgbouncer":
         return start_pgbouncer(workdir, pg, config)
+    if name == "pgproxy-w2":
+        return start_pgproxy(workdir, pg, config, workers=2)
     return start_pgproxy(workdir, pg, config, metrics=name == "pgproxy")
 
 
