@@ -455,6 +455,18 @@ class Settings(BaseSettings):
             "client database not listed in databases."
         ),
     )
+    unix_socket_dir: str = Field(
+        default="",
+        description=(
+            "Directory for a Unix-domain socket named .s.PGSQL.<listen port>, as Postgres and "
+            "PgBouncer name it (psql -h DIR); empty = TCP only."
+        ),
+    )
+    unix_socket_mode: str = Field(
+        default="0777",  # same as PgBouncer
+        pattern=r"^0?[0-7]{3}$",
+        description="Permissions of the Unix-domain socket, in octal.",
+    )
     metrics_listen: Annotated[Address | None, NoDecode] = Field(
         default=Address(host="0.0.0.0", port=9127),  # noqa: S104 - Prometheus scrapes remotely
         description=(
@@ -843,6 +855,13 @@ class Settings(BaseSettings):
                     f"{value} workers need {what} of at least {value} (each worker gets its "
                     f"share), got {limit}"
                 )
+        return value
+
+    @field_validator("unix_socket_dir")
+    @classmethod
+    def _check_socket_dir(cls, value: str) -> str:
+        if value and not os.path.isdir(value):
+            raise ValueError(f"{value}: not a directory")
         return value
 
     @field_validator("metrics_listen", mode="before")

@@ -15,7 +15,9 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import ssl
+import sys
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -55,6 +57,8 @@ from pgproxy.workers import PeerEndpoint, Peers, WorkerSpec, die_with_supervisor
 
 log = logging.getLogger("pgproxy")
 
+# The command line's exit code for a bad setting (pgproxy.cli.EXIT_BAD_CONFIG).
+EXIT_BAD_CONFIG = 2
 # A rollback or reset query after a client left should take milliseconds; past this the
 # server is closed rather than waited for.
 RESET_TIMEOUT = 10.0
@@ -75,6 +79,8 @@ RESTART_ONLY = frozenset(
         "max_prepared_statements",
         "monitor_interval",
         "workers",
+        "unix_socket_dir",
+        "unix_socket_mode",
     }
 )
 
@@ -150,6 +156,8 @@ class Proxy:
         self.metrics_port = 0
         self.monitor: ServerMonitor | None = None
         self._peer_server: asyncio.Server | None = None
+        self._unix_listener: asyncio.Server | None = None
+        self.unix_socket_path: str | None = None
         self.client_tls: ssl.SSLContext | None = None
         self.server_tls: ssl.SSLContext | None = None
         self.tls_policy = NO_TLS
@@ -191,16 +199,25 @@ class Proxy:
         listen = self.settings.listen
         host: str | None = listen.host or None
         worker = self.worker
-        self._listener = await loop.create_server(
-            lambda: ClientConnection(self),
-            host,
-            listen.port if worker is None else worker.port,
-            reuse_address=True,
-            reuse_port=worker is not None,
-            backlog=4096,
-        )
+        port = listen.port if worker is None else worker.port
+        try:
+            self._listener = await loop.create_server(
+                lambda: ClientConnection(self),
+                host,
+                port,
+                reuse_address=True,
+                reuse_port=worker is not None,
+                backlog=4096,
+            )
+        except OSError as exc:
+            raise ConfigError(
+                "listen", f"{listen.host or '*'}:{port}: {exc.strerror or exc}"
+            ) from None
         sock = self._listener.sockets[0]
         self.listen_port = int(sock.getsockname()[1])
+        if self.settings.unix_socket_dir and (worker is None or worker.index == 0):
+            # One path, one listener: with workers, worker 0 serves the socket.
+            self._unix_listener = await self._listen_unix(self.settings.unix_socket_dir)
         metrics_listen = self.settings.metrics_listen
         if worker is not None:
             # The supervisor serves metrics_listen; siblings and it meet here.
@@ -234,6 +251,20 @@ class Proxy:
             self.settings.pool_mode.value,
             self.settings.default_pool_size,
         )
+
+    async def _listen_unix(self, directory: str) -> asyncio.Server:
+        """Listen on DIR/.s.PGSQL.<port>; a stale socket file is replaced, a live one is not."""
+        path = os.path.join(directory, f".s.PGSQL.{self.listen_port}")
+        _remove_stale_socket(path)
+        assert self._loop is not None
+        try:
+            server = await self._loop.create_unix_server(lambda: ClientConnection(self), path)
+        except OSError as exc:
+            raise ConfigError("unix_socket_dir", f"{path}: {exc.strerror or exc}") from None
+        os.chmod(path, int(self.settings.unix_socket_mode, 8))
+        self.unix_socket_path = path
+        log.info("listening on Unix socket %s", path)
+        return server
 
     async def run(self) -> int:
         """Serve until SIGTERM/SIGINT, then drain; a second signal stops at once."""
@@ -283,6 +314,11 @@ class Proxy:
         self.draining = True
         if self._listener is not None:
             self._listener.close()
+        if self._unix_listener is not None:
+            self._unix_listener.close()
+            if self.unix_socket_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.unix_socket_path)
         for pool in self.pools.values():
             pool.waiters.clear()
         for client in list(self.clients):
@@ -1123,6 +1159,21 @@ class Proxy:
                 )
 
 
+def _remove_stale_socket(path: str) -> None:
+    """Unlink a socket file nobody listens on (its process died); refuse a live one."""
+    if not os.path.exists(path):
+        return
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    else:
+        raise ConfigError("unix_socket_dir", f"{path} is in use by another process")
+    finally:
+        probe.close()
+
+
 def serve(
     settings: Settings,
     reload: Callable[[], Settings] | None = None,
@@ -1138,4 +1189,8 @@ def serve(
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
         loop_factory = None
     with asyncio.Runner(loop_factory=loop_factory) as runner:
-        return runner.run(Proxy(settings, reload, worker).run())
+        try:
+            return runner.run(Proxy(settings, reload, worker).run())
+        except ConfigError as exc:  # found while starting: the port is taken, ...
+            sys.stderr.write(f"pgproxy: invalid setting {exc.setting}: {exc.problem}\n")
+            return EXIT_BAD_CONFIG

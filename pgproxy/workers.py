@@ -55,6 +55,8 @@ PEER_TIMEOUT = 5.0
 RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 10.0
+# A worker's exit code for a bad setting (pgproxy.cli.EXIT_BAD_CONFIG): not restarted.
+EXIT_BAD_CONFIG = 2
 # Past the workers' shutdown_timeout, the supervisor kills the ones still running.
 KILL_GRACE = 10.0
 # Gauges merged by maximum across workers (the rest are summed): states and "longest" times,
@@ -379,8 +381,10 @@ class Supervisor:
                 self.port,
             )
             watchers = [loop.create_task(self._keep(w)) for w in self.workers]
-            failures = sum(await asyncio.gather(*watchers))
-            return 1 if failures else 0
+            codes = await asyncio.gather(*watchers)
+            if EXIT_BAD_CONFIG in codes:
+                return EXIT_BAD_CONFIG
+            return 1 if any(codes) else 0
         finally:
             if self._metrics_server is not None:
                 self._metrics_server.close()
@@ -444,6 +448,11 @@ class Supervisor:
                     )
                 return 0 if code == 0 else 1
             lived = time.monotonic() - worker.started_at
+            if code == EXIT_BAD_CONFIG and lived < STABLE_AFTER:
+                # The worker refused its settings (it said why): restarting cannot help.
+                log.error("supervisor: worker %d cannot start; stopping", worker.index)
+                self._stop()
+                return EXIT_BAD_CONFIG
             worker.delay = (
                 RESTART_DELAY if lived > STABLE_AFTER else min(worker.delay * 2, RESTART_DELAY_MAX)
             )

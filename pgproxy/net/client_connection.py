@@ -124,6 +124,8 @@ class ClientConnection(asyncio.Protocol):
             self.address = f"{peer[0]}:{peer[1]}"
         elif peer:
             self.address = str(peer)
+        elif transport.get_extra_info("sockname"):
+            self.address = "unix socket"  # a Unix-domain peer has no name
         self._over_limit = not self.proxy.client_connected(self)
         if not self._over_limit:
             self._login = self.proxy.new_client_login()
