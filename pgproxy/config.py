@@ -668,6 +668,17 @@ class Settings(BaseSettings):
             "Seconds between reads of pg_stat_activity on the server for /metrics; 0 = off."
         ),
     )
+    server_check_delay: _Seconds = Field(
+        default=30.0,  # same as PgBouncer
+        description=(
+            "A server idle this long runs server_check_query before a client gets it; a server "
+            "that fails it is closed and replaced. 0 = check at every reuse."
+        ),
+    )
+    server_check_query: str = Field(
+        default="select 1",  # same as PgBouncer
+        description="The health check of server_check_delay; empty = no check.",
+    )
     server_idle_timeout: _Seconds = Field(
         default=600.0,  # same as PgBouncer
         description="Close a server connection idle in the pool this many seconds; 0 = never.",

@@ -162,6 +162,7 @@ class Proxy:
         self.server_tls: ssl.SSLContext | None = None
         self.tls_policy = NO_TLS
         self._load_tls(settings)
+        self.check_delay = _check_delay(settings)
         # Users looked up in Postgres (auth_user + auth_query).
         self.auth_cache = AuthCache(lambda: self.settings)
 
@@ -540,6 +541,9 @@ class Proxy:
         pool = client.pool
         if pool is None or not pool.idle or pool.waiters or pool.paused or self.draining:
             return None
+        delay = self.check_delay
+        if delay is not None and time.monotonic() - next(reversed(pool.idle.values())) >= delay:
+            return None  # idle too long: request_server checks it first
         return pool.checkout(client, 0.0)  # an idle server and no waiter: never queues
 
     def request_server(self, client: ClientConnection) -> bool:
@@ -549,12 +553,30 @@ class Proxy:
         if self.draining:
             client.fail(self.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
             return False
-        server = pool.checkout(client, self.now())
+        now = self.now()
+        server = pool.checkout(client, now)
         if server is not None:
-            client.link(server)
-            return True
+            delay = self.check_delay
+            if delay is None or now - pool.taken_idle_since < delay:
+                client.link(server)
+                return True
+            # server_check_query first; the client waits, first in line (nobody waited).
+            pool.waiters[client] = now
+            self._check(server, now)
+            return False
         self._replenish(pool)
         return False
+
+    def _check(self, server: ServerConnection, now: float) -> None:
+        """Run server_check_query on a server idle for server_check_delay; finish_reset
+        hands it on (to the waiting client) if it answers, else closes it."""
+        st = server.state
+        assert st is not None
+        server.pool.start_reset(server)
+        server.reset_started_at = now
+        server.resets_session = False
+        server.checking = True
+        server.write(st.send_proxy_query(self.settings.server_check_query))
 
     def note_client_close_reason(
         self, client: ClientConnection, reason: DisconnectReason, detail: str
@@ -786,8 +808,12 @@ class Proxy:
         assert st is not None
         server.reset_started_at = None
         if st.proxy_error is not None or not st.is_idle:
-            self.close_server(server, DisconnectReason.RESET_FAILED)
+            reason = (
+                DisconnectReason.CHECK_FAILED if server.checking else DisconnectReason.RESET_FAILED
+            )
+            self.close_server(server, reason)
             return
+        server.checking = False
         if server.resets_session:
             st.pinned = None
             reset = self.settings.server_reset_query.upper()
@@ -944,6 +970,7 @@ class Proxy:
         if not lines:
             return []
         self.settings = new.model_copy(update=kept) if kept else new
+        self.check_delay = _check_delay(self.settings)
         self.users = {
             u.name: user_auth_from_password(u.name, u.password) for u in self.settings.users
         }
@@ -1157,6 +1184,11 @@ class Proxy:
                     ),
                     reason=DisconnectReason.CLIENT_IDLE_TIMEOUT,
                 )
+
+
+def _check_delay(settings: Settings) -> float | None:
+    """Seconds of idleness after which a server is checked before reuse; None: never."""
+    return settings.server_check_delay if settings.server_check_query else None
 
 
 def _remove_stale_socket(path: str) -> None:

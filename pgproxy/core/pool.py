@@ -36,6 +36,8 @@ class Pool(Generic[S, C]):
     # Servers being reset after their client left (rollback, reset query); not available.
     resetting: set[S] = field(default_factory=set)
     connecting: int = 0
+    # When the server the last checkout took had become idle (server_check_delay).
+    taken_idle_since: float = 0.0
     # Clients waiting for a server, oldest first, with when they started waiting.
     waiters: dict[C, float] = field(default_factory=dict)
     # ParameterStatus values of a fresh server connection (the "welcome"), once known.
@@ -64,7 +66,8 @@ class Pool(Generic[S, C]):
     def checkout(self, client: C, now: float) -> S | None:
         """The most recently used idle server, or None after queueing the client."""
         if self.idle and not self.waiters and not self.paused:
-            server, _ = self.idle.popitem()
+            server, since = self.idle.popitem()
+            self.taken_idle_since = since
             self.active.add(server)
             return server
         self.waiters.setdefault(client, now)

@@ -118,6 +118,7 @@ class DisconnectReason(Enum):
     QUERY_TIMEOUT = "query_timeout"
     CLIENT_IDLE_TIMEOUT = "client_idle_timeout"
     CONFIG_CHANGED = "config_changed"
+    CHECK_FAILED = "server_check_failed"
 
 
 @dataclass(slots=True)

@@ -32,6 +32,7 @@ class ServerConnection(asyncio.Protocol):
         "address",
         "cancels_in_flight",
         "checkin_deferred",
+        "checking",
         "client",
         "closed",
         "gate",
@@ -72,6 +73,8 @@ class ServerConnection(asyncio.Protocol):
         self.reset_started_at: float | None = None
         # The reset in progress runs server_reset_query (not only a rollback).
         self.resets_session = False
+        # The proxy query in progress is server_check_query, before a client gets it.
+        self.checking = False
         # CancelRequests sent for this server and not yet answered (closed) by Postgres; the
         # server waits for them before it serves anyone else (checkin_deferred).
         self.cancels_in_flight = 0
