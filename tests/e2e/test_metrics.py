@@ -323,13 +323,13 @@ def test_readyz_is_ready_with_a_reachable_server_and_not_while_draining(
     with connect(metered.port) as conn:
         conn.execute("SELECT 1")
         assert get(port, "/readyz").status == 200  # a logged-in server connection
-    metered.call(lambda: setattr(metered.proxy, "draining", True))
+    metered.call(lambda: setattr(metered.proxy, "stopping", True))
     try:
         reply = get(port, "/readyz")
         assert reply.status == 503
         assert reply.body.startswith(b"draining")
     finally:
-        metered.call(lambda: setattr(metered.proxy, "draining", False))
+        metered.call(lambda: setattr(metered.proxy, "stopping", False))
     assert get(port, "/readyz").status == 200
 
 
