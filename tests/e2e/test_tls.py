@@ -386,3 +386,25 @@ def test_tls_settings_that_do_not_fit_are_named(certs: Certs) -> None:
     with pytest.raises(ConfigError) as caught:
         load_settings({"server_tls_ca_file": "/nonexistent/ca.crt"}, environ={})
     assert caught.value.setting == "server_tls_ca_file"
+
+
+def test_a_failed_or_abandoned_handshake_leaves_no_client_behind(
+    tls_proxy: Callable[..., ProxyThread],
+) -> None:
+    proxy = tls_proxy("require")
+    for ending in (b"this is not a ClientHello" * 10, b""):
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+            sock.sendall(messages.ssl_request())
+            assert sock.recv(1) == b"S"
+            if ending:
+                sock.sendall(ending)
+                sock.settimeout(10)
+                try:
+                    while sock.recv(65536):
+                        pass
+                except ConnectionResetError:
+                    pass
+    wait_for(
+        lambda: proxy.call(lambda: len(proxy.proxy.clients)) == 0,
+        what="the proxy to forget the clients whose handshake failed",
+    )
