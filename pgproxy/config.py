@@ -49,6 +49,7 @@ from pydantic_settings import (
 )
 
 from pgproxy.errors import ConfigError
+from pgproxy.wire.scram import parse_scram_secret
 
 ENV_PREFIX = "PGPROXY_"
 # Same as PgBouncer's listen_port and libpq's default port.
@@ -810,8 +811,14 @@ class Settings(BaseSettings):
         auth_type = info.data.get("auth_type")
         for user in users:
             kind = user.password_kind
-            if kind is PasswordKind.SCRAM_SHA_256 and not _SCRAM_SECRET.fullmatch(user.password):
-                raise ValueError(f"user {user.name!r} has a malformed SCRAM-SHA-256 secret")
+            if kind is PasswordKind.SCRAM_SHA_256:
+                if not _SCRAM_SECRET.fullmatch(user.password):
+                    raise ValueError(f"user {user.name!r} has a malformed SCRAM-SHA-256 secret")
+                try:
+                    parse_scram_secret(user.password)
+                except ValueError as exc:
+                    # Never echo the secret; the parser's reason names no part of it.
+                    raise ValueError(f"user {user.name!r}: {exc}") from None
             # An md5 hash cannot answer a SCRAM exchange; the reverse works (Postgres and
             # PgBouncer switch an md5 login to SCRAM when the stored secret is SCRAM).
             if kind is PasswordKind.MD5 and auth_type is AuthType.SCRAM_SHA_256:

@@ -53,7 +53,13 @@ from pgproxy.net.tls import client_context, server_context
 from pgproxy.report import client_report
 from pgproxy.wire import messages
 from pgproxy.wire.codes import SqlState, TransactionStatus
-from pgproxy.workers import PeerEndpoint, Peers, WorkerSpec, die_with_supervisor
+from pgproxy.workers import (
+    CONTROL_SIGNALS,
+    PeerEndpoint,
+    Peers,
+    WorkerSpec,
+    die_with_supervisor,
+)
 
 log = logging.getLogger("pgproxy")
 
@@ -274,6 +280,9 @@ class Proxy:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
+        # Blocked by serve() (or, in a worker, from its birth): one that came while starting
+        # is handled now instead of killing the process.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
         assert self._stop is not None and self._force is not None
         await self._stop.wait()
         grace = self.settings.shutdown_grace_period
@@ -1212,6 +1221,7 @@ def serve(
     worker: WorkerSpec | None = None,
 ) -> int:
     """Run a proxy until it is stopped; uvloop when installed. `reload` re-reads settings."""
+    signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)  # until run() handles them
     if worker is not None:
         die_with_supervisor()
     try:

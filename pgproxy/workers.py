@@ -55,6 +55,8 @@ PEER_TIMEOUT = 5.0
 RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 30.0
 STABLE_AFTER = 10.0
+# How often a signal for a starting worker checks whether it can be delivered.
+SIGNAL_POLL = 0.02
 # A worker's exit code for a bad setting (pgproxy.cli.EXIT_BAD_CONFIG): not restarted.
 EXIT_BAD_CONFIG = 2
 # Past the workers' shutdown_timeout, the supervisor kills the ones still running.
@@ -73,6 +75,8 @@ _MAX_FAMILIES = frozenset(
     }
 )
 _PR_SET_PDEATHSIG = 1
+# Signals the processes handle; blocked while they start, so that none is lost or fatal.
+CONTROL_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP})
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,6 +138,8 @@ async def ask(path: Path, target: str, timeout: float | None = PEER_TIMEOUT) -> 
                 writer.close()
     except TimeoutError:
         raise PeerError(f"no answer within {timeout:g} s") from None
+    except (FileNotFoundError, ConnectionRefusedError):
+        raise PeerError("not up (starting or restarting)") from None
     except OSError as exc:
         raise PeerError(exc.strerror or str(exc)) from None
     head, _, body = data.partition(b"\r\n\r\n")
@@ -344,6 +350,7 @@ class Supervisor:
         self.port = 0
         self._reservation: socket.socket | None = None
         self._changed = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._metrics_server: asyncio.Server | None = None
 
     def families(self, *, up: int) -> list[Metric]:
@@ -374,6 +381,7 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self._stop)
             loop.add_signal_handler(signal.SIGHUP, self._forward, signal.SIGHUP)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, CONTROL_SIGNALS)
             log.info(
                 "supervisor (pid %d): %d workers on port %d",
                 os.getpid(),
@@ -416,10 +424,32 @@ class Supervisor:
 
     def _forward(self, sig: int) -> None:
         for worker in self.workers:
-            process = worker.process
-            if process is not None and process.returncode is None:
+            self._signal(worker, sig)
+
+    def _signal(self, worker: _Worker, sig: int) -> None:
+        process = worker.process
+        if process is not None and process.returncode is None:
+            if worker_socket(self.rundir, worker.index).exists():
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(sig)
+            else:
+                # Still starting: before it blocks the signal, a SIGTERM would kill it
+                # (uvloop's spawn gives children an empty signal mask). Send it once it can
+                # take it.
+                task = asyncio.get_running_loop().create_task(self._when_up(worker, process, sig))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+
+    async def _when_up(
+        self, worker: _Worker, process: asyncio.subprocess.Process, sig: int
+    ) -> None:
+        path = worker_socket(self.rundir, worker.index)
+        # A file appearing has no event to wait on (short of inotify): poll.
+        while process.returncode is None and not path.exists():  # noqa: ASYNC110
+            await asyncio.sleep(SIGNAL_POLL)
+        if process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(sig)
 
     async def _keep(self, worker: _Worker) -> int:
         """Run one worker until the supervisor stops; 1 if it ended badly."""
@@ -429,17 +459,11 @@ class Supervisor:
             spec = WorkerSpec(worker.index, len(self.workers), self.port, os.getpid(), self.rundir)
             env = dict(os.environ, **{WORKER_ENV: spec.encode()})
             worker.started_at = time.monotonic()
-            worker.process = await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-m",
-                "pgproxy",
-                *self.argv,
-                env=env,
-                stdin=asyncio.subprocess.DEVNULL,
-                # Its own session: a terminal's Ctrl-C reaches the supervisor only, which
-                # forwards one SIGTERM (two would mean "close everything now").
-                start_new_session=True,
-            )
+            # Its socket appears once it blocks the control signals (see _forward).
+            worker_socket(self.rundir, worker.index).unlink(missing_ok=True)
+            worker.process = await self._spawn(env)
+            if self._stopped():  # the stop came while it was being spawned
+                self._signal(worker, signal.SIGTERM)
             code = await self._wait(worker.process)
             if self._stopped():
                 if code != 0:
@@ -468,6 +492,19 @@ class Supervisor:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(worker.delay):
                     await self._until_stopping()
+
+    async def _spawn(self, env: dict[str, str]) -> asyncio.subprocess.Process:
+        return await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "pgproxy",
+            *self.argv,
+            env=env,
+            stdin=asyncio.subprocess.DEVNULL,
+            # Its own session: a terminal's Ctrl-C reaches the supervisor only, which
+            # forwards one SIGTERM (two would mean "close everything now").
+            start_new_session=True,
+        )
 
     def _stopped(self) -> bool:
         # A call, not the attribute: mypy would take it as still False after an await.
@@ -526,5 +563,6 @@ def serve_workers(settings: Settings, argv: Sequence[str]) -> int:
         loop_factory = uvloop.new_event_loop
     except ImportError:  # pragma: no cover - uvloop is a dependency, but optional at run time
         loop_factory = None
+    signal.pthread_sigmask(signal.SIG_BLOCK, CONTROL_SIGNALS)  # until run() handles them
     with asyncio.Runner(loop_factory=loop_factory) as runner:
         return runner.run(Supervisor(settings, argv).run())

@@ -10,6 +10,8 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -22,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from pgproxy.localpg import LocalPostgres, free_port
 
-from .helpers import ProxyProcess, connect, wait_for
+from .helpers import REPO, ProxyProcess, cli_env, connect, wait_for
 
 POOL = 4
 ADMIN = ("admin", "admin-secret")
@@ -285,3 +287,32 @@ def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
             conn.close()
     finally:
         pg.execute("DROP TABLE drain_w", database="app")
+
+
+def test_sigterm_while_the_workers_start_still_drains_and_exits_0(
+    pg: LocalPostgres, tmp_path: Path
+) -> None:
+    """A pod stopped right after it started: the signal reaches workers that have not yet
+    installed their handlers; it must wait for them, not kill them."""
+    for attempt in range(2):
+        log = tmp_path / f"early-{attempt}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "pgproxy", "--workers", "2",
+                 "--listen", f"127.0.0.1:{free_port()}", "--server", f"{pg.host}:{pg.port}",
+                 "--user", "app:app-secret", "--metrics-listen", "", "--monitor-interval", "0"],
+                cwd=REPO, env=cli_env(), stdout=out, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        try:
+            wait_for(
+                lambda log=log: "supervisor (pid" in log.read_text(),  # type: ignore[misc]
+                timeout=15,
+                what="the start",
+            )
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(timeout=30) == 0, log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+        text = log.read_text()
+        assert "while draining" not in text and "Traceback" not in text, text

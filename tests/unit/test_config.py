@@ -523,3 +523,11 @@ def test_admin_users_and_metrics_listen_parse_from_text() -> None:
     assert load_settings({"metrics_listen": ""}, environ={}).metrics_listen is None
     default = load_settings({}, environ={}).metrics_listen
     assert default is not None and default.port == 9127
+
+
+def test_a_scram_secret_with_keys_of_the_wrong_length_is_refused_not_taken_as_a_password():
+    short_keys = "SCRAM-SHA-256$4096:c2FsdHNhbHQ=$AAAA:AAAA"
+    with pytest.raises(ConfigError) as caught:
+        load_settings({"users": [f"bob:{short_keys}"]}, environ={})
+    assert caught.value.setting == "users"
+    assert caught.value.problem == "user 'bob': invalid SCRAM secret: keys must be 32 bytes"
