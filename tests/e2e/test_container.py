@@ -909,16 +909,18 @@ def test_k8s_config_map_and_secret_load_as_pgproxy_settings(tmp_path):
         assert user.password_kind is PasswordKind.SCRAM_SHA_256, user.name
         parse_scram_secret(user.password)
 
-    # Stopping: load balancers get shutdown_grace_period to stop sending new clients (in place
-    # of a preStop sleep, which would come on top), then at most shutdown_timeout of draining.
+    # Stopping: the preStop hook starts the drain (SIGTERM to PID 1, tini) and waits for the
+    # container to end, so the kubelet's own SIGTERM cannot come as a second, cutting signal;
+    # load balancers get shutdown_grace_period to stop sending new clients, then at most
+    # shutdown_timeout of draining, all within terminationGracePeriodSeconds.
     pod = objects["Deployment"]["spec"]["template"]["spec"]
-    pre_stop = _container(objects).get("lifecycle", {}).get("preStop", {})
-    pre_stop_sleep = 0
-    if pre_stop:
-        command = pre_stop["exec"]["command"]
-        assert command[0] == "sleep" and len(command) == 2, command
-        pre_stop_sleep = int(command[1])
-    assert pre_stop_sleep + settings.shutdown_grace_period >= 5, "no time for the endpoints"
+    command = _container(objects)["lifecycle"]["preStop"]["exec"]["command"]
+    assert command[:2] == ["/bin/sh", "-c"], command
+    script = command[2]
+    assert script.startswith("kill -TERM 1;") and "while kill -0 1" in script, script
+    image_entrypoint = dockerfile()[1].last("ENTRYPOINT").exec_form
+    assert image_entrypoint is not None and image_entrypoint[0] == "tini"  # PID 1 forwards it
+    assert settings.shutdown_grace_period >= 5, "no time for the endpoints"
     grace = pod["terminationGracePeriodSeconds"]
-    stopping = pre_stop_sleep + settings.shutdown_grace_period + settings.shutdown_timeout
+    stopping = settings.shutdown_grace_period + settings.shutdown_timeout
     assert grace > stopping, (grace, stopping)
