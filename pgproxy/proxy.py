@@ -13,6 +13,7 @@ import contextlib
 import itertools
 import logging
 import os
+import resource
 import secrets
 import signal
 import socket
@@ -63,6 +64,9 @@ from pgproxy.workers import (
 
 log = logging.getLogger("pgproxy")
 
+# Open files kept for server connections, listeners and the rest when the open-file limit
+# bounds the number of clients.
+FD_RESERVE = 256
 # The command line's exit code for a bad setting (pgproxy.cli.EXIT_BAD_CONFIG).
 EXIT_BAD_CONFIG = 2
 # A rollback or reset query after a client left should take milliseconds; past this the
@@ -162,6 +166,9 @@ class Proxy:
         self.metrics_port = 0
         self.monitor: ServerMonitor | None = None
         self._peer_server: asyncio.Server | None = None
+        # Clients the open-file limit leaves room for (set at start): past it new clients get
+        # 53300 rather than an accept() that fails with EMFILE and a bare close.
+        self.fd_client_cap = 1 << 62
         self._unix_listener: asyncio.Server | None = None
         self.unix_socket_path: str | None = None
         self.client_tls: ssl.SSLContext | None = None
@@ -194,10 +201,17 @@ class Proxy:
     def max_clients(self) -> int:
         return self.share(self.settings.max_client_conn)
 
+    def client_limit_text(self) -> str:
+        """Why a client over the limit is refused, for its 53300 error."""
+        if len(self.clients) >= self.fd_client_cap:
+            return f"the proxy's open-file limit allows {self.fd_client_cap} clients"
+        return f"max_client_conn {self.settings.max_client_conn}"
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
+        self.fd_client_cap = _file_budget(self.max_clients)
         self._loop = loop
         self.started_at = self.now()
         self._stop = asyncio.Event()
@@ -436,7 +450,8 @@ class Proxy:
 
     def client_connected(self, client: ClientConnection) -> bool:
         """Register a new client; False when it is over `max_client_conn`."""
-        if self.draining or len(self.clients) >= self.max_clients:
+        count = len(self.clients)
+        if self.draining or count >= self.max_clients or count >= self.fd_client_cap:
             self._close_reasons[client] = (DisconnectReason.TOO_MANY_CLIENTS, "")
             return False
         self.clients.add(client)
@@ -1193,6 +1208,27 @@ class Proxy:
                     ),
                     reason=DisconnectReason.CLIENT_IDLE_TIMEOUT,
                 )
+
+
+def _file_budget(clients: int) -> int:
+    """Raise the soft open-file limit toward what `clients` need; how many clients fit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = clients + FD_RESERVE
+    if soft < wanted:
+        new_soft = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new_soft, hard))
+            soft = new_soft
+    room = max(soft - FD_RESERVE, 1)
+    if room < clients:
+        log.warning(
+            "the open-file limit (%d, ulimit -n) leaves room for %d clients, fewer than "
+            "max_client_conn (%d): more get 53300; raise the limit (LimitNOFILE=, --ulimit)",
+            soft,
+            room,
+            clients,
+        )
+    return room
 
 
 def _check_delay(settings: Settings) -> float | None:

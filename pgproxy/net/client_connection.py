@@ -179,10 +179,7 @@ class ClientConnection(asyncio.Protocol):
             self.write(b"N")
             return
         self.fail(
-            TooManyClientsError(
-                "no more connections allowed (max_client_conn "
-                f"{self.proxy.settings.max_client_conn})"
-            ),
+            TooManyClientsError(f"no more connections allowed ({self.proxy.client_limit_text()})"),
             reason=DisconnectReason.TOO_MANY_CLIENTS,
         )
 
