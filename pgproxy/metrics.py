@@ -133,7 +133,10 @@ def parse_request(head: bytes) -> Request:
     # Origin form, or absolute form (§3.2.2).
     if not target.startswith("/") and not target.lower().startswith(("http://", "https://")):
         raise HttpError(HTTPStatus.BAD_REQUEST, "malformed request target")
-    split = urlsplit(target)
+    try:
+        split = urlsplit(target)
+    except ValueError:  # e.g. an unbalanced '[' in the host of an absolute form
+        raise HttpError(HTTPStatus.BAD_REQUEST, "malformed request target") from None
     return Request(method=method, path=split.path or "/", query=split.query)
 
 

@@ -883,10 +883,19 @@ class Proxy:
         client = server.client
         if client is not None:
             client.unlink()
-            client.fail(
-                PgProxyError("server connection lost", sqlstate="08006"),
-                reason=DisconnectReason.SERVER_CLOSE,
-            )
+            if (
+                reason is DisconnectReason.SERVER_FATAL
+                and st is not None
+                and st.proxy_error is None
+            ):
+                # The server's own FATAL already reached the client (it was not one the proxy
+                # kept from it): it says why, once.
+                client.close(DisconnectReason.SERVER_FATAL)
+            else:
+                client.fail(
+                    PgProxyError("server connection lost", sqlstate="08006"),
+                    reason=DisconnectReason.SERVER_CLOSE,
+                )
         self._replenish(pool)
 
     # -- admin commands ----------------------------------------------------------------------

@@ -18,6 +18,7 @@ from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from pgproxy.errors import ProtocolError
 from pgproxy.wire.codes import BackendCode, FrontendCode
 from pgproxy.wire.scanner import Frame
 
@@ -40,9 +41,21 @@ def statement_name(definition: bytes) -> bytes:
 
 
 def split_parse(body: bytes) -> tuple[bytes, bytes]:
-    """(statement name, definition) of a Parse body; the definition is what follows the name."""
-    end = body.index(b"\x00")
+    """(statement name, definition) of a Parse body; the definition is what follows the name.
+
+    Raises ProtocolError (08P01) when the name is not NUL-terminated, as Postgres does."""
+    end = body.find(b"\x00")
+    if end < 0:
+        raise ProtocolError("invalid string in message")
     return body[:end], body[end + 1 :]
+
+
+def close_target(body: bytes) -> bytes:
+    """The name in a Close body (after its 'S'/'P' byte); ProtocolError if unterminated."""
+    end = body.find(b"\x00", 1)
+    if end < 0:
+        raise ProtocolError("invalid string in message")
+    return body[1:end]
 
 
 def parse_message(name: bytes, definition: bytes) -> bytes:

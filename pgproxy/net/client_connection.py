@@ -29,6 +29,7 @@ from pgproxy.core.prepared import (
     PARSE_COMPLETE,
     Rewriter,
     TrackerEvents,
+    close_target,
     split_parse,
     statement_name,
 )
@@ -48,6 +49,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("pgproxy.client")
 
+# Seconds a closed client gets to read what is still buffered for it (its last error, the
+# rest of a result) before the connection is cut.
+CLOSE_FLUSH_TIMEOUT = 2.0
+
 _PARSE = FrontendCode.PARSE
 _CLOSE = FrontendCode.CLOSE
 _SYNC = FrontendCode.SYNC
@@ -56,6 +61,7 @@ _FLUSH = FrontendCode.FLUSH
 
 class ClientConnection(asyncio.Protocol):
     __slots__ = (
+        "_abort_timer",
         "_login",
         "_login_timer",
         "_over_limit",
@@ -88,6 +94,7 @@ class ClientConnection(asyncio.Protocol):
         self.address = "?"
         self._login: ClientLogin | None = None
         self._login_timer: asyncio.TimerHandle | None = None
+        self._abort_timer: asyncio.TimerHandle | None = None
         self._over_limit = False
         self.state: ClientState | None = None
         # The admin console session, for a client of the virtual database (no pool then).
@@ -154,6 +161,9 @@ class ClientConnection(asyncio.Protocol):
             self.closed = True
             if self._login_timer is not None:
                 self._login_timer.cancel()
+            if self._abort_timer is not None:
+                self._abort_timer.cancel()
+                self._abort_timer = None
             self.proxy.client_lost(self)
         except Exception:
             log.exception("%r: internal error in connection_lost", self)
@@ -462,7 +472,7 @@ class ClientConnection(asyncio.Protocol):
                 pool.statement_counts.hits += 1
                 replies.append(PARSE_COMPLETE)
             elif code == _CLOSE:
-                st.statements.forget(body[1 : body.index(b"\x00", 1)])
+                st.statements.forget(close_target(body))
                 replies.append(CLOSE_COMPLETE)
             elif code == _SYNC:
                 replies.append(messages.ready_for_query(TransactionStatus.IDLE))
@@ -684,5 +694,12 @@ class ClientConnection(asyncio.Protocol):
             return
         self.closed = True
         self.proxy.note_client_close_reason(self, reason, detail)
-        if self.transport is not None:
-            self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            transport.close()
+            if transport.get_write_buffer_size():
+                # close() waits for the buffer to drain: a client that never reads would
+                # keep the connection, and the server linked to it, forever.
+                self._abort_timer = asyncio.get_running_loop().call_later(
+                    CLOSE_FLUSH_TIMEOUT, transport.abort
+                )

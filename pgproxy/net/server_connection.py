@@ -15,7 +15,12 @@ from typing import TYPE_CHECKING, cast
 from pgproxy.core.prepared import ServerStatements
 from pgproxy.core.server import DisconnectReason, ServerState
 from pgproxy.core.server_login import ServerLogin
-from pgproxy.errors import BackendUnavailableError, FeatureNotSupportedError, PgProxyError
+from pgproxy.errors import (
+    BackendUnavailableError,
+    FeatureNotSupportedError,
+    PgProxyError,
+    ProtocolError,
+)
 from pgproxy.net.flow import GateReason, ReadGate
 
 if TYPE_CHECKING:
@@ -196,6 +201,13 @@ class ServerConnection(asyncio.Protocol):
         try:
             step = self._login.feed(data)
         except PgProxyError as exc:
+            if isinstance(exc, ProtocolError):
+                # The server broke the protocol: for the waiting clients the server is
+                # unavailable (08006), not their own violation (08P01).
+                exc = BackendUnavailableError(
+                    f"server {self.address[0]}:{self.address[1]} broke the protocol during "
+                    f"login: {exc.message}"
+                )
             if not self.logged_in.done():
                 self.logged_in.set_exception(exc)
             self.transport.close()

@@ -35,6 +35,7 @@ DEFAULT_ITERATIONS = 4096  # Postgres' scram_iterations default
 _SALT_LENGTH = 16  # SCRAM_DEFAULT_SALT_LEN in Postgres
 _RAW_NONCE_LENGTH = 18  # SCRAM_RAW_NONCE_LEN in Postgres
 _KEY_LENGTH = 32  # SHA-256 digest size
+_MAX_ITERATIONS = 0x7FFFFFFF  # Postgres' scram_iterations is an int
 
 NonceSource = Callable[[int], bytes]
 
@@ -421,7 +422,7 @@ class ScramClientExchange:
         if not (iterations_text.isascii() and iterations_text.isdigit()):
             raise ProtocolError("invalid SCRAM server-first-message: bad iteration count")
         iterations = int(iterations_text)
-        if iterations < 1:
+        if not 1 <= iterations <= _MAX_ITERATIONS:
             raise ProtocolError("invalid SCRAM server-first-message: bad iteration count")
         if self._password is not None:
             client_key, stored_key, server_key = _cached_keys(self._password, salt, iterations)
