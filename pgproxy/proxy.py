@@ -860,10 +860,11 @@ class Proxy:
         server.close()
         if client is not None:
             client.unlink()
-            client.fail(
-                PgProxyError(f"server connection closed ({reason.value})", sqlstate="08006"),
-                reason=DisconnectReason.SERVER_CLOSE,
-            )
+            if not client.closed:
+                client.fail(
+                    PgProxyError(f"server connection closed ({reason.value})", sqlstate="08006"),
+                    reason=DisconnectReason.SERVER_CLOSE,
+                )
         self._replenish(pool)
 
     def server_lost(self, server: ServerConnection) -> None:

@@ -143,6 +143,13 @@ class ServerConnection(asyncio.Protocol):
                     st.feed(data, None, monotonic())
                 if st.proxy_error is not None:
                     client.prelude_failed(st.proxy_error)
+                elif st.fatal:
+                    # The server is going (a FATAL, perhaps right after the ReadyForQuery that
+                    # ended the transaction, in the same read): the client has read it, so it
+                    # is closed as Postgres would close it, not handed a dead server's words
+                    # and kept.
+                    client.close(DisconnectReason.SERVER_FATAL)
+                    self.proxy.close_server(self, DisconnectReason.SERVER_FATAL)
                 elif st.drained:
                     st.drained = False
                     client.server_drained()
