@@ -5,15 +5,20 @@
                                   [--workloads select-simple,storm|all|none] [--targets …]
                                   [--large] [--idle [--idle-clients 10000]] [--syscalls]
                                   [--login-storm [--login-storm-clients 2000]]
+                                  [--capacity [--capacity-clients 10000 --capacity-active 500]]
+                                  [--soak [--soak-minutes 10]]
                                   [--out bench/RESULTS.md] [--plot PATH | --no-plot] [--quick]
 
 Sections, in the order they run: pgbench rounds (workloads x client counts x targets,
 interleaved and rotated; `pgbench_rounds.py`), system calls per transaction
 (`syscall_count.py`, on the same poolers), a large result to a fast and a slow client
 (`large_result.py`), thousands of idle clients (`idle_clients.py`) and a storm of new
-logins beside a linked client (`login_storm.py`), each of the last three on freshly started
-targets. The machines we run on are shared and noisy, so absolute numbers mean little: the
-report leads with ratios between targets measured side by side.
+logins beside a linked client (`login_storm.py`) and ten thousand clients, a few hundred
+busy (`capacity.py`), each of the last four on freshly started targets; last, the soak
+(`soak.py`): minutes of mixed load through pgproxy on a cluster of its own, with a
+PostgreSQL restart and a burst of clients, then checks of the books, leaks and memory.
+The machines we run on are shared and noisy, so absolute numbers mean little: the report
+leads with ratios between targets measured side by side.
 
 Everything started here (a throw-away cluster, PgBouncer, pgproxy) is stopped again on
 exit, Ctrl-C or error.
@@ -33,12 +38,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import capacity
 import idle_clients
 import large_result
 import login_storm
 import pgbench_rounds
 import plot_results
 import report
+import soak
 import syscall_count
 from large_result import LargeRead
 from pgbench_rounds import WORKLOADS, Rounds
@@ -49,8 +56,11 @@ from targets import (
     TARGET_NAMES,
     PoolerConfig,
     Target,
+    chown_to_postgres,
     raise_fd_limit,
     running_targets,
+    start_pgbouncer,
+    stop_process,
     version_of,
     workspace,
 )
@@ -69,6 +79,11 @@ IDLE_LOGINS_PER_SECOND = 5000.0
 # The storm's process start, the linked client's baseline, and serving the storm.
 LOGIN_STORM_OVERHEAD_SECONDS = 3.0
 STORM_LOGINS_PER_SECOND = 1000.0
+# The soak's own cluster and pgbench -i -s 10, its warm-up, and the checks afterwards.
+SOAK_OVERHEAD_SECONDS = 40.0
+# Capacity: logins per second with the other clients connected, and the final check.
+CAPACITY_LOGINS_PER_SECOND = 2000.0
+CAPACITY_OVERHEAD_SECONDS = 15.0
 
 
 @dataclass
@@ -87,6 +102,8 @@ class Run:
     large: list[LargeRead] = field(default_factory=list)
     idle: list[idle_clients.IdleResult] = field(default_factory=list)
     login_storm: list[login_storm.StormResult] = field(default_factory=list)
+    capacity: list[capacity.CapacityResult] = field(default_factory=list)
+    soak: soak.SoakResult | None = None
     plot_note: str = ""
 
 
@@ -165,6 +182,42 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=1.0,
         help="seconds over which they arrive (default 1)",
     )
+    crowd = parser.add_argument_group("capacity")
+    crowd.add_argument(
+        "--capacity",
+        action="store_true",
+        help="run the capacity section: --capacity-clients connections on one worker, "
+        "--capacity-active of them busy, through the pool (pgproxy and PgBouncer)",
+    )
+    crowd.add_argument(
+        "--capacity-clients", type=int, default=10_000, help="clients in all (default 10,000)"
+    )
+    crowd.add_argument(
+        "--capacity-active", type=int, default=500, help="of them busy (default 500)"
+    )
+    crowd.add_argument(
+        "--capacity-seconds",
+        type=float,
+        default=60.0,
+        help="how long the busy clients run queries (default 60)",
+    )
+    long_run = parser.add_argument_group("soak")
+    long_run.add_argument(
+        "--soak",
+        action="store_true",
+        help="run the soak: mixed load through pgproxy on a cluster of its own, a PostgreSQL "
+        "restart and a burst of new clients in the middle, then the books, leaks and RSS "
+        "are checked",
+    )
+    long_run.add_argument(
+        "--soak-minutes", type=float, default=10.0, help="minutes of load (default 10)"
+    )
+    long_run.add_argument(
+        "--soak-burst",
+        type=int,
+        default=5000,
+        help="new clients arriving at once in the middle (default 5,000)",
+    )
     syscalls = parser.add_argument_group("system calls")
     syscalls.add_argument(
         "--syscalls", action="store_true", help="count each pooler's system calls per tx"
@@ -209,14 +262,20 @@ def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if unknown:
         parser.error(f"unknown target(s): {', '.join(sorted(unknown))}")
     args.workloads = [WORKLOADS[w] for w in parse_workloads(parser, args)]
-    if not (args.workloads or args.large or args.idle or args.login_storm or args.syscalls):
+    sections = (args.large, args.idle, args.login_storm, args.syscalls, args.capacity, args.soak)
+    if not (args.workloads or any(sections)):
         parser.error(
-            "nothing to run: --workloads none and no --large, --idle, --login-storm or --syscalls"
+            "nothing to run: --workloads none and no --large, --idle, --login-storm, "
+            "--syscalls, --capacity or --soak"
         )
+    if args.capacity and not 0 < args.capacity_active < args.capacity_clients:
+        parser.error("--capacity-active must be more than 0 and less than --capacity-clients")
 
 
 def parse_workloads(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
-    text = args.workloads or ("all" if args.all else "select-simple")
+    # The soak and capacity sections are runs of their own: no pgbench rounds unless asked.
+    alone = (args.soak or args.capacity) and not args.all
+    text = args.workloads or ("all" if args.all else "none" if alone else "select-simple")
     if text.strip() == "all":
         return list(WORKLOADS)
     if text.strip() == "none":
@@ -266,6 +325,15 @@ def estimate_seconds(args: argparse.Namespace) -> float:
             args.login_storm_seconds, args.login_storm_clients / STORM_LOGINS_PER_SECOND
         )
         total += poolers * (TARGET_START_SECONDS + LOGIN_STORM_OVERHEAD_SECONDS + per_pooler)
+    if args.capacity:
+        per_pooler = (
+            args.capacity_clients / CAPACITY_LOGINS_PER_SECOND
+            + args.capacity_seconds
+            + CAPACITY_OVERHEAD_SECONDS
+        )
+        total += len(capacity_names(args)) * (TARGET_START_SECONDS + per_pooler)
+    if args.soak:
+        total += args.soak_minutes * 60 + SOAK_OVERHEAD_SECONDS
     return total
 
 
@@ -376,12 +444,66 @@ def login_storm_section(run: Run, pg: LocalPostgres, workdir: Path, config: Pool
         )
 
 
+def capacity_names(args: argparse.Namespace) -> list[str]:
+    """The capacity section measures one worker: pgproxy and PgBouncer of the targets."""
+    return [t for t in pooler_names(args) if t in ("pgproxy", "pgbouncer")]
+
+
+def capacity_section(run: Run, pg: LocalPostgres, workdir: Path, config: PoolerConfig) -> None:
+    """Each pooler started fresh for its turn (pgproxy with an admin user, whose console
+    counts the clients), measured, and stopped."""
+    args = run.args
+    print(
+        f"capacity section (fresh poolers, {args.capacity_clients:,} clients, "
+        f"{args.capacity_active:,} busy for {args.capacity_seconds:g} s):",
+        flush=True,
+    )
+    crowd = PoolerConfig(config.pool_size, args.capacity_clients + 100, config.scram_secret)
+    directory = workdir / "capacity"
+    directory.mkdir(exist_ok=True)
+    chown_to_postgres(directory)
+    soak.ensure_admin_role(pg)
+    targets: list[Target] = []
+    for name in capacity_names(args):
+        if name == "pgproxy":
+            target = soak.start_pgproxy_with_console(directory, pg, crowd)
+        else:
+            target = start_pgbouncer(directory, pg, crowd)
+        targets.append(target)
+        print(f"  {name}: {target.skipped or f'listening on port {target.port}'}", flush=True)
+        try:
+            if not target.skipped:
+                run.capacity += capacity.run_capacity(
+                    [target],
+                    pg,
+                    args.capacity_clients,
+                    args.capacity_active,
+                    args.capacity_seconds,
+                )
+        finally:
+            stop_process(target.process)
+    note_targets(run, "capacity", targets)
+
+
+def soak_section(run: Run, pgbench: str, workdir: Path) -> None:
+    args = run.args
+    plan = soak.SoakPlan(
+        seconds=args.soak_minutes * 60, pool_size=args.pool_size, burst_clients=args.soak_burst
+    )
+    print(f"soak section ({args.soak_minutes:g} min, its own cluster and pgproxy):", flush=True)
+    run.soak = soak.run_soak(plan, pgbench, workdir / "soak")
+    soak.print_summary(run.soak)
+
+
 # -- report ----------------------------------------------------------------------------
 
 
 def render(run: Run) -> str:
     args = run.args
-    lines = report.header(run.machine, "pgproxy benchmark: pgproxy, PgBouncer and direct")
+    title = "pgproxy benchmark: pgproxy, PgBouncer and direct"
+    if not (args.workloads or args.large or args.idle or args.login_storm or args.syscalls):
+        title = "pgproxy under load for a long time and with ten thousand clients"
+    lines = report.header(run.machine, title)
     lines += [
         f"Targets: {', '.join(args.targets)}. Poolers: transaction pooling, pool size "
         f"{args.pool_size}, SCRAM-SHA-256 for clients with the user's secret as pg_authid "
@@ -411,6 +533,12 @@ def render(run: Run) -> str:
         lines += login_storm.render(
             run.login_storm, args.login_storm_clients, args.login_storm_seconds
         )
+    if args.capacity:
+        lines += capacity.render(
+            run.capacity, args.capacity_clients, args.capacity_active, args.capacity_seconds
+        )
+    if run.soak is not None:
+        lines += soak.render(run.soak)
     return "\n".join(lines).rstrip("\n") + "\n"
 
 
@@ -458,6 +586,11 @@ def print_plan(args: argparse.Namespace) -> None:
         f"login storm ({args.login_storm_clients:,} clients in {args.login_storm_seconds:g} s)"
         if args.login_storm
         else "",
+        f"capacity ({args.capacity_clients:,} clients, {args.capacity_active:,} busy for "
+        f"{args.capacity_seconds:g} s)"
+        if args.capacity
+        else "",
+        f"soak ({args.soak_minutes:g} min, burst of {args.soak_burst:,})" if args.soak else "",
     ]
     print(
         f"plan: {'; '.join(s for s in sections if s)}; targets {','.join(args.targets)}\n"
@@ -476,6 +609,8 @@ def main(argv: Sequence[str]) -> int:
         max(
             args.idle_clients + 1000 if args.idle else 0,
             args.login_storm_clients + 1000 if args.login_storm else 0,
+            args.capacity_clients + 1000 if args.capacity else 0,
+            args.soak_burst + 1000 if args.soak else 0,
         )
     )
     # Turn SIGTERM into SystemExit so the finally blocks stop everything we started.
@@ -510,6 +645,10 @@ def main(argv: Sequence[str]) -> int:
                 idle_section(run, pg, workdir, config)
             if args.login_storm:
                 login_storm_section(run, pg, workdir, config)
+            if args.capacity:
+                capacity_section(run, pg, workdir, config)
+            if args.soak:
+                soak_section(run, pgbench, workdir)
         except subprocess.CalledProcessError as exc:
             print(f"{shlex.join(exc.cmd)} failed:\n{exc.stderr.decode(errors='replace')}")
             return 1
@@ -518,6 +657,9 @@ def main(argv: Sequence[str]) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print("\n" + text + f"\n(written to {args.out})")
+    if run.soak is not None and run.soak.failures():
+        print(f"soak: {len(run.soak.failures())} check(s) failed", file=sys.stderr)
+        return 1
     return 0
 
 
