@@ -199,15 +199,19 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._handle_login_events(login.feed(data))
         except PgProxyError as exc:
-            log.warning(
-                "login failed for user=%s database=%s from %s: %s",
-                login.user or "-",
-                login.database or "-",
-                self.address,
-                exc.message,
-            )
-            self.proxy.count_login_failure(login.database, login.user)
-            self.fail(exc, reason=DisconnectReason.LOGIN_FAILED)
+            self._login_failed(login, exc)
+
+    def _login_failed(self, login: ClientLogin, exc: PgProxyError) -> None:
+        """Counted, logged with who and from where (brute force shows), then FATAL."""
+        log.warning(
+            "login failed for user=%s database=%s from %s: %s",
+            login.user or "-",
+            login.database or "-",
+            self.address,
+            exc.message,
+        )
+        self.proxy.count_login_failure(login.database, login.user)
+        self.fail(exc, reason=DisconnectReason.LOGIN_FAILED)
 
     def _handle_login_events(self, events: list[LoginEvent]) -> None:
         for event in events:
@@ -288,15 +292,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             self._handle_login_events(login.user_found(auth))
         except PgProxyError as exc:
-            log.warning(
-                "login failed for user=%s database=%s from %s: %s",
-                login.user or "-",
-                login.database or "-",
-                self.address,
-                exc.message,
-            )
-            self.proxy.count_login_failure(login.database, login.user)
-            self.fail(exc, reason=DisconnectReason.LOGIN_FAILED)
+            self._login_failed(login, exc)
 
     def start_session(self, state: ClientState, cancel_key: tuple[int, int]) -> None:
         """Login is accepted: the pool knows the server's parameters."""

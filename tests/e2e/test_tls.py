@@ -204,16 +204,18 @@ def test_plaintext_bytes_after_an_ssl_request_are_refused(
     assert b"08P01" in answer and b"unencrypted data after SSL request" in answer
 
 
-def _peer_cn(port: int, certs: Certs) -> str:
-    """The CN of the certificate the proxy shows now, read with Python's ssl."""
+def _served(port: int, certs: Certs) -> tuple[str, bytes]:
+    """The CN and DER bytes of the certificate the proxy shows now, read with Python's ssl."""
     ctx = ssl.create_default_context(cafile=str(certs.ca))
     with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
         raw.sendall(messages.ssl_request())
         assert raw.recv(1) == b"S"
         with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
             cert = tls.getpeercert()
-    assert cert is not None
-    return str(dict(x[0] for x in cert["subject"])["commonName"])  # type: ignore[arg-type]
+            der = tls.getpeercert(binary_form=True)
+    assert cert is not None and der is not None
+    subject = dict(x[0] for x in cert["subject"])  # type: ignore[arg-type]
+    return str(subject["commonName"]), der
 
 
 def test_reload_reads_renewed_certificates_and_a_bad_key_changes_nothing(
@@ -234,31 +236,20 @@ def test_reload_reads_renewed_certificates_and_a_bad_key_changes_nothing(
         "client_tls_key_file": str(key),
     }
     proxy.proxy._reload_settings = lambda: load_settings(flags, environ={})
-    before = _peer_cn(proxy.port, certs)
-    serial_before = _serial(proxy.port, certs)
+    cn_before, der_before = _served(proxy.port, certs)
     renewed_cert, renewed_key = certs.client("renewed")
     shutil.copy(renewed_cert, cert)
     shutil.copy(renewed_key, key)
     proxy.call(proxy.proxy.reload)
-    assert _peer_cn(proxy.port, certs) == before == "localhost"
-    assert _serial(proxy.port, certs) != serial_before  # the renewed certificate is served
+    cn_after, der_after = _served(proxy.port, certs)
+    assert cn_after == cn_before == "localhost"
+    assert der_after != der_before  # the renewed certificate is served
     # A key that does not match: RELOAD fails, the renewed certificate stays in use.
     shutil.copy(certs.server_key, key)
     with pytest.raises(ConfigError, match="client_tls_cert_file"):
         proxy.call(proxy.proxy.reload)
     with tls_connect(proxy.port, certs) as conn:
         assert conn.execute("SELECT 1").fetchone() == (1,)
-
-
-def _serial(port: int, certs: Certs) -> int:
-    ctx = ssl.create_default_context(cafile=str(certs.ca))
-    with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
-        raw.sendall(messages.ssl_request())
-        assert raw.recv(1) == b"S"
-        with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-            der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return hash(der)
 
 
 def test_back_pressure_holds_over_tls(tls_proxy: Callable[..., ProxyThread], certs: Certs) -> None:
