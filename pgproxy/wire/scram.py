@@ -66,7 +66,7 @@ def parse_scram_secret(text: str) -> ScramSecret:
         raise ValueError("not a SCRAM-SHA-256 secret") from None
     if method != SCRAM_SHA_256:
         raise ValueError(f"not a SCRAM-SHA-256 secret: method {method!r}")
-    if not (iterations_text.isascii() and iterations_text.isdigit()):
+    if not (iterations_text.isascii() and iterations_text.isdigit()) or len(iterations_text) > 10:
         raise ValueError("invalid SCRAM secret: iteration count is not a number")
     iterations = int(iterations_text)
     if iterations < 1:
@@ -419,7 +419,10 @@ class ScramClientExchange:
             raise ProtocolError("invalid SCRAM server-first-message: bad nonce")
         if not salt:
             raise ProtocolError("invalid SCRAM server-first-message: empty salt")
-        if not (iterations_text.isascii() and iterations_text.isdigit()):
+        # At most 10 digits before int(): Python refuses to convert over 4300 of them.
+        if not (iterations_text.isascii() and iterations_text.isdigit()) or len(
+            iterations_text
+        ) > len(str(_MAX_ITERATIONS)):
             raise ProtocolError("invalid SCRAM server-first-message: bad iteration count")
         iterations = int(iterations_text)
         if not 1 <= iterations <= _MAX_ITERATIONS:
