@@ -859,11 +859,13 @@ class Proxy:
             self._closing.add(server)
         server.close()
         if client is not None:
+            mid_message = client.mid_message
             client.unlink()
             if not client.closed:
                 client.fail(
                     PgProxyError(f"server connection closed ({reason.value})", sqlstate="08006"),
                     reason=DisconnectReason.SERVER_CLOSE,
+                    mid_message=mid_message,
                 )
         self._replenish(pool)
 
@@ -883,6 +885,7 @@ class Proxy:
         log.info("%r lost (%s)", server, reason.value)
         client = server.client
         if client is not None:
+            mid_message = client.mid_message
             client.unlink()
             if (
                 reason is DisconnectReason.SERVER_FATAL
@@ -896,6 +899,7 @@ class Proxy:
                 client.fail(
                     PgProxyError("server connection lost", sqlstate="08006"),
                     reason=DisconnectReason.SERVER_CLOSE,
+                    mid_message=mid_message,
                 )
         self._replenish(pool)
 
@@ -1188,13 +1192,15 @@ class Proxy:
                         )
                 elif now - started >= limit and st.backend_key is not None:
                     server.query_cancelled = (started, now)
-                    client.write(
-                        messages.notice_response(
-                            "WARNING",
-                            SqlState.QUERY_CANCELED,
-                            f"pgproxy: query_timeout ({limit:g} s) reached; cancelling the query",
+                    if not client.mid_message:  # inside a streaming row it would corrupt it
+                        client.write(
+                            messages.notice_response(
+                                "WARNING",
+                                SqlState.QUERY_CANCELED,
+                                f"pgproxy: query_timeout ({limit:g} s) reached; cancelling the "
+                                "query",
+                            )
                         )
-                    )
                     log.info("%r: query_timeout (%g s): cancelling on %r", client, limit, server)
                     server.cancels_in_flight += 1
                     self._spawn(self._cancel(server, st.backend_key))

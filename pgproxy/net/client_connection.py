@@ -52,6 +52,8 @@ log = logging.getLogger("pgproxy.client")
 # Seconds a closed client gets to read what is still buffered for it (its last error, the
 # rest of a result) before the connection is cut.
 CLOSE_FLUSH_TIMEOUT = 2.0
+# Seconds a client refused over the limit gets to send its startup packet (to read why).
+OVER_LIMIT_WAIT = 1.0
 
 _PARSE = FrontendCode.PARSE
 _CLOSE = FrontendCode.CLOSE
@@ -137,7 +139,13 @@ class ClientConnection(asyncio.Protocol):
         if not self._over_limit:
             self._login = self.proxy.new_client_login()
         timeout = self.proxy.settings.client_login_timeout
-        if timeout > 0:
+        if self._over_limit:
+            # Refused anyway: a silent one must not hold its descriptor for a whole login
+            # timeout (a flood of them would eat the ones kept for server connections).
+            self._login_timer = asyncio.get_running_loop().call_later(
+                OVER_LIMIT_WAIT, transport.abort
+            )
+        elif timeout > 0:
             self._login_timer = asyncio.get_running_loop().call_later(timeout, self._login_expired)
 
     def data_received(self, data: bytes) -> None:
@@ -669,10 +677,30 @@ class ClientConnection(asyncio.Protocol):
             if stats is not None:
                 stats.sent += len(data)
 
-    def fail(self, exc: PgProxyError, *, reason: DisconnectReason | None = None) -> None:
-        """Send an ErrorResponse; a FATAL one also closes the connection."""
+    @property
+    def mid_message(self) -> bool:
+        """A server's message is half forwarded to this client: nothing of ours may go in."""
+        server = self.server
+        return (
+            server is not None and server.state is not None and not server.state.scanner.at_boundary
+        )
+
+    def fail(
+        self,
+        exc: PgProxyError,
+        *,
+        reason: DisconnectReason | None = None,
+        mid_message: bool | None = None,
+    ) -> None:
+        """Send an ErrorResponse; a FATAL one also closes the connection.
+
+        In the middle of a forwarded message (`mid_message`, default: now) the error would
+        land inside it and corrupt it: the connection is closed without it instead."""
         if self.stats is not None and not self.closed:
             self.stats.count_error(exc.sqlstate)
+        if self.mid_message if mid_message is None else mid_message:
+            self.close(reason or DisconnectReason.PROTOCOL_ERROR, detail=exc.message)
+            return
         self.write(messages.error_from_exception(exc))
         if exc.severity == Severity.FATAL:
             if reason is None:
