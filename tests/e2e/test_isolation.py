@@ -460,11 +460,14 @@ class Worker:
 
     # -- the loop --
 
+    def first_connect(self) -> None:
+        self.connect()
+
     def main(self) -> None:
         if self.kind == "asyncpg":
             self.loop = asyncio.new_event_loop()
         try:
-            self.connect()
+            self.first_connect()
             for i in range(STEPS_PER_WORKER):
                 if self.run.stop.is_set():
                     break

@@ -18,13 +18,11 @@ cursors, locks or open transaction, faults or not.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import random
 import socket
 import threading
 import time
-import traceback
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -154,24 +152,8 @@ class FaultWorker(Worker):
         self.client = SafePg8000Client(self.run.port, self.startup, self.base, self.rng)
         self._reset_model()
 
-    def main(self) -> None:
-        if self.kind == "asyncpg":
-            self.loop = asyncio.new_event_loop()
-        try:
-            self._reconnect_after_fault(None)
-            for i in range(STEPS_PER_WORKER):
-                if self.run.stop.is_set():
-                    break
-                self._one_step(i)
-        except Exception as exc:
-            self.run.violation(f"{self.name}: gave up: {exc!r}\n{traceback.format_exc()}")
-        finally:
-            if self.client is not None:
-                with contextlib.suppress(Exception):
-                    self.client.close()
-            if self.loop is not None:
-                self.loop.run_until_complete(self.loop.shutdown_asyncgens())
-                self.loop.close()
+    def first_connect(self) -> None:
+        self._reconnect_after_fault(None)
 
     def _one_step(self, i: int) -> None:
         self.doing = "?"
