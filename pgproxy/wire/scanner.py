@@ -23,6 +23,31 @@ _unpack_length = struct.Struct("!i").unpack_from
 
 _INVALID, _SKIP, _WATCH, _MARK = 0, 1, 2, 3
 
+_TABLES: dict[
+    tuple[frozenset[int], frozenset[int] | None, frozenset[int]], tuple[bytes, bytes]
+] = {}
+
+
+def _tables(
+    watched: frozenset[int], valid: frozenset[int] | None, marked: frozenset[int]
+) -> tuple[bytes, bytes]:
+    """The plain and the marking lookup tables, built once per kind of scanner."""
+    key = (watched, valid, marked)
+    tables = _TABLES.get(key)
+    if tables is None:
+        table = bytearray([_SKIP if valid is None else _INVALID]) * 256
+        for code in valid or ():
+            table[code] = _SKIP
+        for code in watched:
+            table[code] = _WATCH
+        plain = bytes(table)
+        for code in marked:
+            if table[code] != _WATCH:
+                table[code] = _MARK
+        tables = _TABLES[key] = (plain, bytes(table))
+    return tables
+
+
 # Returned when nothing watched completed, to avoid allocating a list per chunk. Read-only.
 _NO_FRAMES: list[Frame] = []
 
@@ -59,17 +84,12 @@ class MessageScanner:
         marked: Iterable[int] = (),
     ) -> None:
         # Per type byte: _INVALID, _SKIP, _WATCH or _MARK. Indexing beats hashing on the hot
-        # path; switching `marking` swaps the table.
-        table = bytearray([_SKIP if valid is None else _INVALID]) * 256
-        for code in valid or ():
-            table[code] = _SKIP
-        for code in watched:
-            table[code] = _WATCH
-        self._plain = self._watched = bytes(table)
-        for code in marked:
-            if table[code] != _WATCH:
-                table[code] = _MARK
-        self._marked = bytes(table)
+        # path; switching `marking` swaps the table. Every connection shares its kind's two
+        # tables: 600 bytes less per client.
+        self._plain, self._marked = _tables(
+            frozenset(watched), None if valid is None else frozenset(valid), frozenset(marked)
+        )
+        self._watched = self._plain
         self._keep = keep
         self._max_length = max_length
         self._header = bytearray()  # a header split across chunks (fewer than 5 bytes)
