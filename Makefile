@@ -9,12 +9,12 @@ NODE_DRIVERS := tests/drivers/node
 NODE_STAMP := $(NODE_DRIVERS)/node_modules/.package-lock.json
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: run test lint typecheck unit e2e bench setup system-packages other-drivers pgbouncer clean
+.PHONY: run test lint typecheck unit e2e bench setup system-packages other-drivers pgbouncer jemalloc clean
 
 run: setup
 	$(PY) -m pgproxy.demo
 
-test: setup other-drivers
+test: setup other-drivers jemalloc
 	$(PY) -m ruff format --check pgproxy tests bench
 	$(PY) -m ruff check pgproxy tests bench
 	$(PY) -m mypy pgproxy
@@ -30,11 +30,11 @@ typecheck: setup
 unit: setup
 	$(PY) -m pytest -q tests/unit
 
-e2e: setup other-drivers
+e2e: setup other-drivers jemalloc
 	$(PY) -m pytest -q tests/e2e
 
 # The issue's whole matrix (~55 min on 2 cores): writes bench/RESULTS.md and bench/results.png.
-bench: setup pgbouncer
+bench: setup pgbouncer jemalloc
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) bench/run.py --all
 
@@ -84,6 +84,12 @@ other-drivers:
 pgbouncer:
 	@command -v pgbouncer >/dev/null || ls /usr/sbin/pgbouncer >/dev/null 2>&1 \
 	    || $(call apt_install,pgbouncer)
+
+# The allocator the container image preloads (README, Memory): the image test runs pgproxy with
+# it, and the bench runs pgproxy as the image does.
+jemalloc:
+	@ls /usr/lib/*/libjemalloc.so.2 >/dev/null 2>&1 \
+	    || $(call apt_install,libjemalloc2,the image test and the bench run pgproxy on pymalloc)
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info

@@ -27,6 +27,7 @@ exit, Ctrl-C or error.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import os
 import shlex
@@ -50,14 +51,17 @@ import syscall_count
 from large_result import LargeRead
 from pgbench_rounds import WORKLOADS, Rounds
 from targets import (
+    ALLOCATORS,
     BENCH,
     POOLERS,
     REPO,
     TARGET_NAMES,
     PoolerConfig,
     Target,
+    allocator_text,
     chown_to_postgres,
     raise_fd_limit,
+    resolve_allocator,
     running_targets,
     start_pgbouncer,
     stop_process,
@@ -119,6 +123,13 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "clients, 3 rounds, plus --large, --idle, --login-storm and --syscalls, report to "
         "bench/RESULTS.md",
     )
+    parser.add_argument(
+        "--allocator",
+        choices=ALLOCATORS,
+        default="auto",
+        help="pgproxy's memory allocator: jemalloc as the container image runs it, or "
+        "Python's pymalloc (default auto: jemalloc when libjemalloc2 is installed)",
+    )
     parser.add_argument("--clients", help="comma-separated client counts (default 50,200,1000)")
     parser.add_argument("--rounds", type=int, help="rounds over all client counts (default 3)")
     parser.add_argument("--duration", type=int, help="seconds per pgbench run (default 15)")
@@ -129,7 +140,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default="direct,pgbouncer,pgproxy",
         help="comma-separated subset of direct,pgbouncer,pgproxy,pgproxy-nometrics (pgproxy "
         "with /metrics off and no server monitor: the cost of observability),pgproxy-w2 "
-        "(--workers 2)",
+        "(--workers 2),pgproxy-pymalloc (on Python's own allocator, whatever --allocator)",
     )
     parser.add_argument(
         "--workloads",
@@ -242,6 +253,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def resolve_defaults(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Fill what --all and --quick imply; explicit flags win over both."""
     quick = args.quick
+    args.allocator = resolve_allocator(args.allocator)
     if args.all:
         args.large = args.idle = args.login_storm = args.syscalls = True
     args.clients = args.clients or ("10,50" if quick else "50,200,1000")
@@ -421,7 +433,7 @@ def idle_section(run: Run, pg: LocalPostgres, workdir: Path, config: PoolerConfi
     names = pooler_names(args)
     print(f"idle section (fresh poolers, {args.idle_clients:,} clients each):", flush=True)
     # Room for the crowd, the first query and a margin.
-    crowd = PoolerConfig(config.pool_size, args.idle_clients + 100, config.scram_secret)
+    crowd = dataclasses.replace(config, max_client_conn=args.idle_clients + 100)
     with running_targets(names, workdir / "idle", pg, crowd) as targets:
         active = note_targets(run, "idle", targets)
         run.idle = idle_clients.run_idle(active, args.idle_clients)
@@ -436,7 +448,7 @@ def login_storm_section(run: Run, pg: LocalPostgres, workdir: Path, config: Pool
         flush=True,
     )
     # Room for the storm, the linked client, the storm's warm-up login and a margin.
-    crowd = PoolerConfig(config.pool_size, args.login_storm_clients + 100, config.scram_secret)
+    crowd = dataclasses.replace(config, max_client_conn=args.login_storm_clients + 100)
     with running_targets(names, workdir / "login-storm", pg, crowd) as targets:
         active = note_targets(run, "login-storm", targets)
         run.login_storm = login_storm.run_login_storm(
@@ -458,7 +470,7 @@ def capacity_section(run: Run, pg: LocalPostgres, workdir: Path, config: PoolerC
         f"{args.capacity_active:,} busy for {args.capacity_seconds:g} s):",
         flush=True,
     )
-    crowd = PoolerConfig(config.pool_size, args.capacity_clients + 100, config.scram_secret)
+    crowd = dataclasses.replace(config, max_client_conn=args.capacity_clients + 100)
     directory = workdir / "capacity"
     directory.mkdir(exist_ok=True)
     chown_to_postgres(directory)
@@ -488,7 +500,10 @@ def capacity_section(run: Run, pg: LocalPostgres, workdir: Path, config: PoolerC
 def soak_section(run: Run, pgbench: str, workdir: Path) -> None:
     args = run.args
     plan = soak.SoakPlan(
-        seconds=args.soak_minutes * 60, pool_size=args.pool_size, burst_clients=args.soak_burst
+        seconds=args.soak_minutes * 60,
+        pool_size=args.pool_size,
+        burst_clients=args.soak_burst,
+        allocator=args.allocator,
     )
     print(f"soak section ({args.soak_minutes:g} min, its own cluster and pgproxy):", flush=True)
     run.soak = soak.run_soak(plan, pgbench, workdir / "soak")
@@ -508,7 +523,7 @@ def render(run: Run) -> str:
         f"Targets: {', '.join(args.targets)}. Poolers: transaction pooling, pool size "
         f"{args.pool_size}, SCRAM-SHA-256 for clients with the user's secret as pg_authid "
         "stores it (PgBouncer's auth_file; pgproxy's --user), and SCRAM pass-through to "
-        "PostgreSQL: no pooler runs PBKDF2 per client login.",
+        f"PostgreSQL: no pooler runs PBKDF2 per client login. {allocator_text(args.allocator)}.",
         "",
     ]
     for name, reason in run.skipped.items():
@@ -636,7 +651,9 @@ def main(argv: Sequence[str]) -> int:
         try:
             print(f"PostgreSQL on port {pg.port}", flush=True)
             secret = prepare_database(pg, pgbench, args)
-            config = PoolerConfig(args.pool_size, max(args.clients, default=0) + 100, secret)
+            config = PoolerConfig(
+                args.pool_size, max(args.clients, default=0) + 100, secret, args.allocator
+            )
             if args.workloads or args.syscalls:
                 pgbench_section(run, pgbench, pg, workdir, config)
             if args.large:

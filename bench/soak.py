@@ -63,7 +63,19 @@ from pgbench_rounds import pgbench_args, pgbench_env
 from procfs import CpuClock, rss_kib
 from prometheus_client.parser import text_string_to_metric_families
 from report import fmt, table
-from targets import BENCH, HOST, REPO, PoolerConfig, Target, spawn, started, stop_process, tail
+from targets import (
+    BENCH,
+    HOST,
+    REPO,
+    PoolerConfig,
+    Target,
+    allocator_env,
+    allocator_text,
+    spawn,
+    started,
+    stop_process,
+    tail,
+)
 
 from pgproxy.localpg import Credentials, LocalPostgres, LocalPostgresError, free_port
 
@@ -136,6 +148,7 @@ class SoakPlan:
     warm_up_seconds: float = 5.0
     restart_at: float = 0.4  # of the way through `seconds`
     burst_at: float = 0.6
+    allocator: str = "pymalloc"  # or "jemalloc", as the container image runs pgproxy
 
     @classmethod
     def ci(cls) -> SoakPlan:
@@ -811,7 +824,7 @@ def start_pgproxy_with_console(
         "--workers", "1",
     ]  # fmt: skip
     log = workdir / f"{name}.log"
-    process = spawn(command, log, cwd=REPO)
+    process = spawn(command, log, cwd=REPO, env=allocator_env(config.allocator))
     return started(Target(name, port, process, metrics_port=metrics_port), log)
 
 
@@ -939,7 +952,7 @@ def run_soak(plan: SoakPlan, pgbench: str, workdir: Path) -> SoakResult:
     with pg:
         print(f"soak: PostgreSQL on port {pg.port}; pgbench -i -s {plan.scale} …", flush=True)
         secret = database_setup(pg, pgbench, plan.scale)
-        config = PoolerConfig(plan.pool_size, plan.max_client_conn, secret)
+        config = PoolerConfig(plan.pool_size, plan.max_client_conn, secret, plan.allocator)
         target = start_pgproxy_with_console(workdir, pg, config)
         if target.skipped:
             raise RuntimeError(target.skipped)
@@ -1208,7 +1221,7 @@ def render(result: SoakResult) -> list[str]:
         f"{plan.restart_at * plan.seconds:.0f} s; {plan.burst_clients:,} new clients at once "
         f"(SCRAM login, `SELECT 1`, goodbye) at {plan.burst_at * plan.seconds:.0f} s. "
         f"Errors count as the restart's from its start to {RESTART_GRACE:g} s after "
-        "PostgreSQL is back.",
+        f"PostgreSQL is back. {allocator_text(plan.allocator)}.",
         "",
         *table(
             ["check", "result", "detail"],

@@ -14,8 +14,10 @@ secret with a random salt for every login (about 3 ms of CPU here) and pgproxy o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import pwd
+import re
 import resource
 import shutil
 import socket
@@ -32,7 +34,14 @@ from pgproxy.localpg import PG_OS_USER, Credentials, LocalPostgres, free_port
 REPO = Path(__file__).resolve().parent.parent
 BENCH = Credentials(user="bench", password="bench-secret", database="bench")
 HOST = "127.0.0.1"
-TARGET_NAMES = ("direct", "pgbouncer", "pgproxy", "pgproxy-nometrics", "pgproxy-w2")
+TARGET_NAMES = (
+    "direct",
+    "pgbouncer",
+    "pgproxy",
+    "pgproxy-nometrics",
+    "pgproxy-w2",
+    "pgproxy-pymalloc",
+)
 POOLERS = frozenset(TARGET_NAMES) - {"direct"}
 # How long a pooler may take to accept TCP connections after it was spawned.
 START_TIMEOUT = 15.0
@@ -61,6 +70,53 @@ class PoolerConfig:
     max_client_conn: int
     # The bench user's secret as pg_authid stores it (SCRAM-SHA-256$…).
     scram_secret: str
+    # pgproxy's memory allocator: "jemalloc" as the container image runs it, or "pymalloc".
+    allocator: str = "pymalloc"
+
+
+# -- pgproxy's allocator -----------------------------------------------------------------
+
+ALLOCATORS = ("auto", "jemalloc", "pymalloc")
+
+
+def jemalloc_library() -> Path | None:
+    return next(Path("/usr/lib").glob("*/libjemalloc.so.2"), None)
+
+
+def resolve_allocator(choice: str) -> str:
+    """`auto`: jemalloc when Debian's libjemalloc2 is installed (`make bench` installs it)."""
+    if choice == "auto":
+        return "jemalloc" if jemalloc_library() is not None else "pymalloc"
+    if choice == "jemalloc" and jemalloc_library() is None:
+        raise SystemExit("--allocator jemalloc: no libjemalloc.so.2 (apt-get install libjemalloc2)")
+    return choice
+
+
+def image_malloc_env() -> dict[str, str]:
+    """PYTHONMALLOC and MALLOC_CONF exactly as the Dockerfile sets them."""
+    text = (REPO / "Dockerfile").read_text()
+    found = dict(re.findall(r"\b(PYTHONMALLOC|MALLOC_CONF)=(\S+)", text))
+    assert set(found) == {"PYTHONMALLOC", "MALLOC_CONF"}, found
+    return found
+
+
+def allocator_env(allocator: str) -> dict[str, str] | None:
+    """The environment pgproxy runs in: ours, plus jemalloc preloaded as in the image."""
+    if allocator == "pymalloc":
+        return None
+    library = jemalloc_library()
+    assert allocator == "jemalloc" and library is not None, allocator
+    return {**os.environ, **image_malloc_env(), "LD_PRELOAD": str(library)}
+
+
+def allocator_text(allocator: str) -> str:
+    if allocator == "jemalloc":
+        return (
+            "pgproxy ran on jemalloc as the container image runs it (LD_PRELOAD, "
+            + ", ".join(f"{k}={v}" for k, v in image_malloc_env().items())
+            + ")"
+        )
+    return "pgproxy ran on Python's own allocator (pymalloc)"
 
 
 # -- processes -------------------------------------------------------------------------
@@ -131,13 +187,19 @@ def workspace() -> Iterator[Path]:
 
 
 def spawn(
-    command: Sequence[str], log: Path, *, cwd: Path, user: str | None = None
+    command: Sequence[str],
+    log: Path,
+    *,
+    cwd: Path,
+    user: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start a pooler in its own session (Ctrl-C reaches us only; we stop it in order)."""
     with log.open("wb") as log_file:
         return subprocess.Popen(
             command,
             cwd=cwd,
+            env=env,
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
@@ -202,15 +264,18 @@ def start_pgproxy(
     *,
     metrics: bool = True,
     workers: int = 1,
+    name: str | None = None,
 ) -> Target:
     """pgproxy with its metrics endpoint and server monitor, or without either
     (`pgproxy-nometrics`): the pair shows what observability costs. `pgproxy-w2`: two
-    workers (its CPU is the supervisor's and the workers')."""
+    workers (its CPU is the supervisor's and the workers'). `pgproxy-pymalloc`: on Python's
+    own allocator whatever `config.allocator` says, to measure the two side by side."""
     port = free_port(HOST)
     metrics_port = free_port(HOST) if metrics else None
-    name = "pgproxy" if metrics else "pgproxy-nometrics"
-    if workers > 1:
-        name = f"pgproxy-w{workers}"
+    if name is None:
+        name = "pgproxy" if metrics else "pgproxy-nometrics"
+        if workers > 1:
+            name = f"pgproxy-w{workers}"
     command = [
         sys.executable, "-m", "pgproxy",
         "--listen", f"{HOST}:{port}",
@@ -224,7 +289,7 @@ def start_pgproxy(
         "--workers", str(workers),
     ]  # fmt: skip
     log = workdir / f"{name}.log"
-    process = spawn(command, log, cwd=REPO)
+    process = spawn(command, log, cwd=REPO, env=allocator_env(config.allocator))
     return started(Target(name, port, process, metrics_port=metrics_port), log)
 
 
@@ -235,6 +300,9 @@ def start_target(name: str, workdir: Path, pg: LocalPostgres, config: PoolerConf
         return start_pgbouncer(workdir, pg, config)
     if name == "pgproxy-w2":
         return start_pgproxy(workdir, pg, config, workers=2)
+    if name == "pgproxy-pymalloc":
+        pymalloc = dataclasses.replace(config, allocator="pymalloc")
+        return start_pgproxy(workdir, pg, pymalloc, name=name)
     return start_pgproxy(workdir, pg, config, metrics=name == "pgproxy")
 
 

@@ -24,6 +24,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
+from pgproxy import memory
 from pgproxy.admin import ADMIN_DATABASES, AdminSession, admin_welcome
 from pgproxy.auth_query import AuthCache
 from pgproxy.config import PoolMode, PoolPolicy, Settings, TlsMode
@@ -272,6 +273,8 @@ class Proxy:
             self.settings.pool_mode.value,
             self.settings.default_pool_size,
         )
+        if worker is None or worker.index == 0:
+            log.info("%s", memory.describe(memory.allocator()))
 
     async def _listen_unix(self, directory: str) -> asyncio.Server:
         """Listen on DIR/.s.PGSQL.<port>; a stale socket file is replaced, a live one is not."""

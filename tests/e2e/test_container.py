@@ -49,6 +49,9 @@ K8S = REPO / "deploy" / "k8s"
 PGPROXY_PORT = 6432
 METRICS_PORT = 9127
 HEALTHCHECK_URL = f"http://127.0.0.1:{METRICS_PORT}/healthz"
+# Where the image links Debian's jemalloc; the replayed image uses this machine's copy.
+IMAGE_JEMALLOC = "/usr/local/lib/libjemalloc.so.2"
+HOST_JEMALLOC = next(Path("/usr/lib").glob("*/libjemalloc.so.2"), None)
 # What the image must not contain: the dev extras of pyproject.toml.
 DEV_PACKAGES = {"pytest", "ruff", "mypy", "hypothesis", "psycopg", "asyncpg", "django"}
 RUNTIME_PACKAGES = {"pgproxy", "uvloop", "pg8000", "pydantic-settings", "prometheus-client"}
@@ -384,6 +387,18 @@ def test_dockerfile_runs_pgproxy_as_a_non_root_user_under_tini():
     assert runtime.last("STOPSIGNAL").args.strip() == "SIGTERM"
 
 
+def test_dockerfile_preloads_the_jemalloc_its_runtime_stage_installs():
+    _, runtime = dockerfile()
+    env = runtime.env()
+    assert env["LD_PRELOAD"] == IMAGE_JEMALLOC
+    assert env["PYTHONMALLOC"] == "malloc"  # or Python's small objects never reach jemalloc
+    assert "background_thread:true" in env["MALLOC_CONF"].split(",")
+    installs = [r.args for r in runtime.all("RUN") if "apt-get install" in r.args]
+    assert len(installs) == 1 and "libjemalloc2" in installs[0].split()
+    link = installs[0].partition("ln -s ")[2]
+    assert "libjemalloc.so.2" in link and link.rstrip().endswith(f" {IMAGE_JEMALLOC}"), link
+
+
 def test_dockerfile_exposes_the_ports_its_environment_listens_on():
     _, runtime = dockerfile()
     exposed = {int(word) for e in runtime.all("EXPOSE") for word in e.args.split()}
@@ -563,6 +578,11 @@ def image_install(tmp_path_factory: pytest.TempPathFactory) -> ImageInstall:
                 str(_host_path(root, part)) if _host_path(root, part).exists() else part
                 for part in value.split(os.pathsep)
             )
+        if name == "LD_PRELOAD":  # the runtime's RUN links it from Debian's package
+            assert value == IMAGE_JEMALLOC, value
+            if HOST_JEMALLOC is None:
+                continue
+            value = str(HOST_JEMALLOC)
         runtime_env[name] = value
     entrypoint = runtime.last("ENTRYPOINT").exec_form
     assert entrypoint is not None and entrypoint[:2] == ["tini", "--"]
@@ -685,6 +705,8 @@ def test_image_entrypoint_serves_the_cluster_and_exits_0_on_sigterm(image_instal
             idle.execute("SELECT 1")
         idle.close()
         assert "stopped" in running.log()
+        if HOST_JEMALLOC is not None:  # `make test` installs libjemalloc2
+            assert "memory allocator: jemalloc" in running.log(), running.log()
         # And the health check notices a pgproxy that is gone.
         assert subprocess.run(check, capture_output=True, timeout=10).returncode != 0
 
