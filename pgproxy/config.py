@@ -691,6 +691,42 @@ class Settings(BaseSettings):
             "0 = never."
         ),
     )
+    tcp_keepalive: bool = Field(
+        default=True,  # same as PgBouncer
+        description=(
+            "TCP keepalive on client and Postgres connections, so that a peer gone without a "
+            "word (host down, NAT or firewall state dropped) is found and its connection "
+            "closed; the OS's timing unless tcp_keepidle/tcp_keepintvl/tcp_keepcnt are set."
+        ),
+    )
+    tcp_keepidle: int = Field(
+        default=0,
+        ge=0,
+        le=32767,
+        description="Seconds of silence before the first keepalive probe; 0 = the OS default.",
+    )
+    tcp_keepintvl: int = Field(
+        default=0,
+        ge=0,
+        le=32767,
+        description="Seconds between keepalive probes; 0 = the OS default.",
+    )
+    tcp_keepcnt: int = Field(
+        default=0,
+        ge=0,
+        le=127,
+        description="Unanswered keepalive probes before the connection is dropped; 0 = the OS "
+        "default.",
+    )
+    tcp_user_timeout: int = Field(
+        default=0,
+        ge=0,
+        le=2**31 - 1,
+        description=(
+            "Milliseconds sent data may stay unacknowledged before the connection is dropped "
+            "(TCP_USER_TIMEOUT, Linux); 0 = the OS default."
+        ),
+    )
     client_login_timeout: _Seconds = Field(
         default=60.0,  # same as PgBouncer
         description=(

@@ -36,6 +36,7 @@ from pgproxy.core.prepared import (
 from pgproxy.core.server import HOLD_CURSOR_PIN, DisconnectReason, ServerState
 from pgproxy.errors import PgProxyError, ServerError, Severity, TooManyClientsError
 from pgproxy.net.flow import GateReason, ReadGate
+from pgproxy.net.tcp import set_keepalive
 from pgproxy.net.tls import peer_common_name
 from pgproxy.wire import messages
 from pgproxy.wire.codes import SSL_REQUEST_CODE, FrontendCode, SqlState, TransactionStatus
@@ -138,6 +139,7 @@ class ClientConnection(asyncio.Protocol):
         self._over_limit = not self.proxy.client_connected(self)
         if not self._over_limit:
             self._login = self.proxy.new_client_login()
+            set_keepalive(transport, self.proxy.settings)
         timeout = self.proxy.settings.client_login_timeout
         if self._over_limit:
             # Refused anyway: a silent one must not hold its descriptor for a whole login

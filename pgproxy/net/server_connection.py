@@ -22,6 +22,7 @@ from pgproxy.errors import (
     ProtocolError,
 )
 from pgproxy.net.flow import GateReason, ReadGate
+from pgproxy.net.tcp import set_keepalive
 
 if TYPE_CHECKING:
     from pgproxy.core.pool import Pool
@@ -98,6 +99,7 @@ class ServerConnection(asyncio.Protocol):
         # uvloop's TCP transports implement asyncio.Transport without subclassing it.
         self.transport = transport = cast(asyncio.Transport, transport)
         self.gate = ReadGate(transport)
+        set_keepalive(transport, self.proxy.settings)
         assert self._login is not None
         transport.write(self._login.start())
 

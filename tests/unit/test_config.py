@@ -531,3 +531,27 @@ def test_a_scram_secret_with_keys_of_the_wrong_length_is_refused_not_taken_as_a_
         load_settings({"users": [f"bob:{short_keys}"]}, environ={})
     assert caught.value.setting == "users"
     assert caught.value.problem == "user 'bob': invalid SCRAM secret: keys must be 32 bytes"
+
+
+# TCP keepalive
+
+
+def test_tcp_keepalive_on_with_os_timings_by_default():
+    settings = load({})
+    assert settings.tcp_keepalive is True
+    assert (settings.tcp_keepidle, settings.tcp_keepintvl, settings.tcp_keepcnt) == (0, 0, 0)
+    assert settings.tcp_user_timeout == 0
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "problem"),
+    [
+        ("tcp_keepcnt", "200", "must be at most 127, got 200"),
+        ("tcp_keepidle", "40000", "must be at most 32767, got 40000"),
+        ("tcp_keepintvl", "-1", "must be at least 0, got -1"),
+        ("tcp_user_timeout", "2.5", "must be a whole number, got '2.5'"),
+    ],
+)
+def test_tcp_settings_out_of_the_kernels_range_name_the_setting(name, text, problem):
+    error = error_of({name: text})
+    assert (error.setting, error.problem) == (name, problem)
