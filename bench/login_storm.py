@@ -170,26 +170,55 @@ class StormClient(asyncio.Protocol):
             self.transport.close()
 
 
-async def one_client(port: int) -> float:
-    """Connect, log in, query, leave; returns how long until the answer (seconds)."""
+class Together:
+    """Keeps every answered client connected until all have been answered or have failed."""
+
+    def __init__(self, count: int) -> None:
+        self.left = count
+        self.everyone = asyncio.Event()
+
+    def done(self) -> None:
+        self.left -= 1
+        if self.left <= 0:
+            self.everyone.set()
+
+
+async def one_client(port: int, together: Together | None = None) -> float:
+    """Connect, log in, query, leave; returns how long until the answer (seconds). With
+    `together`, it leaves only once every client of the storm has its answer."""
     loop = asyncio.get_running_loop()
     started_at = time.monotonic()
-    async with asyncio.timeout(CLIENT_TIMEOUT):
-        _, client = await loop.create_connection(StormClient, HOST, port)
+    client: StormClient | None = None
+    try:
         try:
-            await client.answered
+            async with asyncio.timeout(CLIENT_TIMEOUT):
+                _, client = await loop.create_connection(StormClient, HOST, port)
+                await client.answered
         finally:
+            if together is not None:
+                together.done()
+        latency = time.monotonic() - started_at
+        if together is not None:
+            await together.everyone.wait()  # each client ends within CLIENT_TIMEOUT
+        return latency
+    finally:
+        if client is not None:
             client.close()
-    return time.monotonic() - started_at
 
 
-async def run_storm(port: int, count: int, seconds: float) -> dict[str, object]:
-    """Start `count` clients evenly over `seconds`; wait for every one of them."""
+async def run_storm(
+    port: int, count: int, seconds: float, *, hold: bool = False
+) -> dict[str, object]:
+    """Start `count` clients evenly over `seconds`; wait for every one of them. `hold`: the
+    answered ones stay connected until all are answered (all inside the pooler at once)."""
+    together = Together(count) if hold else None
     tasks: list[asyncio.Task[float]] = []
     started_at = time.monotonic()
     while len(tasks) < count:
         due = min(count, int((time.monotonic() - started_at) / seconds * count) + 1)
-        tasks.extend(asyncio.create_task(one_client(port)) for _ in range(due - len(tasks)))
+        tasks.extend(
+            asyncio.create_task(one_client(port, together)) for _ in range(due - len(tasks))
+        )
         await asyncio.sleep(ARRIVAL_TICK)
     arrived_at = time.monotonic()
     outcomes = await asyncio.gather(*tasks, return_exceptions=True)
@@ -206,9 +235,11 @@ async def run_storm(port: int, count: int, seconds: float) -> dict[str, object]:
     }
 
 
-def storm_process(pipe: Connection, port: int, count: int, seconds: float) -> None:
+def storm_process(
+    pipe: Connection, port: int, count: int, seconds: float, hold: bool = False
+) -> None:
     """The storm's process: one warm-up login (fills the SCRAM key cache), 'ready', wait for
-    'go', storm, send the outcome back."""
+    'go', storm (`run_storm`), send the outcome back."""
     try:
         uvloop.run(one_client(port))
     except (OSError, TimeoutError, pgclient.LoginError, PgProxyError) as exc:
@@ -216,7 +247,7 @@ def storm_process(pipe: Connection, port: int, count: int, seconds: float) -> No
         return
     pipe.send("ready")
     if pipe.recv() == "go":
-        pipe.send(uvloop.run(run_storm(port, count, seconds)))
+        pipe.send(uvloop.run(run_storm(port, count, seconds, hold=hold)))
 
 
 # -- one pooler ------------------------------------------------------------------------

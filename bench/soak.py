@@ -114,7 +114,8 @@ RETRY_PAUSE = 0.2
 PGBENCH_GRACE = 120.0
 # How long the counts may take to come back to rest once the load has stopped.
 SETTLE_TIMEOUT = 30.0
-# The burst: all clients start within one tick of the storm's arrival loop.
+# The burst: all clients start within one tick of the storm's arrival loop, and the answered
+# ones stay until every one is answered (all inside pgproxy at once, whatever the machine).
 BURST_SPREAD = 0.001
 # The pauses of the cheaper clients between rounds, and when the cancel is sent.
 CHURN_PAUSE = 0.02
@@ -837,7 +838,7 @@ class Burst:
         self.clients = clients
         self.process = context.Process(
             target=login_storm.storm_process,
-            args=(child_end, port, clients, BURST_SPREAD),
+            args=(child_end, port, clients, BURST_SPREAD, True),
             daemon=True,
         )
         self.process.start()
@@ -1219,7 +1220,8 @@ def render(result: SoakResult) -> list[str]:
         "cut during a query), a client that connects, queries and leaves, and one whose "
         f"queries are cancelled. PostgreSQL restarted (`pg_ctl restart -m fast`) at "
         f"{plan.restart_at * plan.seconds:.0f} s; {plan.burst_clients:,} new clients at once "
-        f"(SCRAM login, `SELECT 1`, goodbye) at {plan.burst_at * plan.seconds:.0f} s. "
+        "(SCRAM login, `SELECT 1`, then connected until all are answered, so that all are "
+        f"inside pgproxy at once; goodbye) at {plan.burst_at * plan.seconds:.0f} s. "
         f"Errors count as the restart's from its start to {RESTART_GRACE:g} s after "
         f"PostgreSQL is back. {allocator_text(plan.allocator)}.",
         "",
