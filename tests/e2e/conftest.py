@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,10 +14,10 @@ import pytest
 import uvloop
 
 from pgproxy.config import load_settings
-from pgproxy.localpg import Credentials, LocalPostgres, free_port
+from pgproxy.localpg import Credentials, LocalPostgres
 from pgproxy.proxy import Proxy
 
-from .helpers import REPO, ProxyProcess, cli_env, wait_for
+from .helpers import ProxyProcess, spawn_cli, stop_cli
 
 
 class ProxyThread:
@@ -164,45 +162,11 @@ def start_cli(pg: LocalPostgres, tmp_path: Path) -> Iterator[Callable[..., Proxy
     started: list[ProxyProcess] = []
 
     def start(*extra: str, shutdown_timeout: str = "20") -> ProxyProcess:
-        port = free_port()
-        log_path = tmp_path / f"pgproxy-{port}.log"
-        command = [
-            sys.executable,
-            "-m",
-            "pgproxy",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--server",
-            f"{pg.host}:{pg.port}",
-            "--user",
-            "app:app-secret",
-            "--default-pool-size",
-            "2",
-            "--shutdown-timeout",
-            shutdown_timeout,
-            # Off: parallel proxies would fight over port 9127, and the monitor logs.
-            "--metrics-listen",
-            "",
-            "--monitor-interval",
-            "0",
-            *extra,
-        ]
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                command, cwd=REPO, env=cli_env(), stdout=log_file, stderr=subprocess.STDOUT
-            )
-        proxy = ProxyProcess(process, port, log_path)
+        defaults = ["--default-pool-size", "2", "--shutdown-timeout", shutdown_timeout]
+        proxy = spawn_cli(f"{pg.host}:{pg.port}", "app:app-secret", tmp_path, [*defaults, *extra])
         started.append(proxy)
-
-        def accepting() -> bool:
-            assert process.poll() is None, f"pgproxy exited early:\n{proxy.log()}"
-            return not proxy.is_refusing()
-
-        wait_for(accepting, timeout=15, what="pgproxy to accept connections")
         return proxy
 
     yield start
     for proxy in started:
-        if proxy.process.poll() is None:
-            proxy.process.kill()
-            proxy.process.wait(timeout=10)
+        stop_cli(proxy)

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import psycopg
+
+from pgproxy.localpg import free_port
 
 T = TypeVar("T")
 
@@ -110,3 +114,57 @@ class ProxyProcess:
 def cli_env() -> dict[str, str]:
     # Settings from the developer's environment must not leak into the process under test.
     return {k: v for k, v in os.environ.items() if not k.startswith("PGPROXY_")}
+
+
+def spawn_cli(
+    server: str, user: str, log_dir: Path, extra: Sequence[str], *, nofile: int | None = None
+) -> ProxyProcess:
+    """`python -m pgproxy` on a free port in front of `server`, once it accepts connections.
+
+    /metrics and the monitor are off: parallel proxies would fight over port 9127, and the
+    monitor logs. `nofile` sets RLIMIT_NOFILE in the child before exec."""
+    port = free_port()
+    log_path = log_dir / f"pgproxy-{port}.log"
+    command = [
+        sys.executable, "-m", "pgproxy",
+        "--listen", f"127.0.0.1:{port}",
+        "--server", server,
+        "--user", user,
+        "--metrics-listen", "",
+        "--monitor-interval", "0",
+        *extra,
+    ]  # fmt: skip
+
+    def limit_descriptors() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            command,
+            cwd=REPO,
+            env=cli_env(),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            # Runs in the child before exec; no threads there.
+            preexec_fn=limit_descriptors if nofile is not None else None,
+        )
+    proxy = ProxyProcess(process, port, log_path)
+
+    def accepting() -> bool:
+        if process.poll() is not None:
+            raise AssertionError(f"pgproxy exited early:\n{proxy.log()}")
+        return not proxy.is_refusing()
+
+    try:
+        wait_for(accepting, timeout=15, what="pgproxy to accept connections")
+    except BaseException:
+        stop_cli(proxy)
+        raise
+    return proxy
+
+
+def stop_cli(proxy: ProxyProcess) -> None:
+    if proxy.process.poll() is None:
+        proxy.process.kill()
+        proxy.process.wait(timeout=10)

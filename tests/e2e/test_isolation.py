@@ -37,6 +37,7 @@ import pytest
 
 from pgproxy.localpg import LocalPostgres
 
+from .conftest import ProxyThread
 from .helpers import APP_PASSWORD, conninfo, kill_socket, wait_for
 
 SEED_ENV = "PGPROXY_ISOLATION_SEED"
@@ -886,6 +887,29 @@ def _app_backends_in_transaction(pg: LocalPostgres) -> list[tuple[Any, ...]]:
     )
 
 
+def assert_left_clean(proxy: ProxyThread, pg: LocalPostgres, run: Run) -> None:
+    """Once every client has gone: nothing is left open, locked or pinned on the servers, and
+    two newcomers inside transactions, holding both servers of the pool, see nothing of anyone."""
+    wait_for(lambda: proxy.call(lambda: len(proxy.proxy.clients)) == 0, what="no clients left")
+    wait_for(lambda: not _app_backends_in_transaction(pg), what="no app backend in transaction")
+    wait_for(
+        lambda: proxy.call(lambda: all(s.state.pinned is None for s in proxy.proxy.servers)),
+        what="no server pinned",
+    )
+    assert pg.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == [(0,)]
+    newcomers = [Observer(run), Observer(run)]
+    try:
+        pids = set()
+        for newcomer in newcomers:
+            newcomer.conn.execute("BEGIN")
+            newcomer.look(in_transaction=True)
+            pids.add(newcomer.conn.execute("SELECT pg_backend_pid()").fetchone())
+        assert len(pids) == 2, "each newcomer should hold its own server"
+    finally:
+        for newcomer in newcomers:
+            newcomer.conn.close()
+
+
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
 def test_clients_sharing_two_servers_never_see_each_others_session(
     pg: LocalPostgres, make_proxy, loop: str
@@ -923,27 +947,7 @@ def test_clients_sharing_two_servers_never_see_each_others_session(
     assert run.steps >= MIN_STEPS, f"only {run.steps} steps in {elapsed:.1f} s"
     assert observer.steps > 0
 
-    # Every client has gone: nothing is left open, locked or pinned on the servers.
-    wait_for(lambda: proxy.call(lambda: len(proxy.proxy.clients)) == 0, what="no clients left")
-    wait_for(lambda: not _app_backends_in_transaction(pg), what="no app backend in transaction")
-    wait_for(
-        lambda: proxy.call(lambda: all(s.state.pinned is None for s in proxy.proxy.servers)),
-        what="no server pinned",
-    )
-    assert pg.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == [(0,)]
-
-    # Two newcomers inside transactions hold both servers of the pool at once and look.
-    newcomers = [Observer(run), Observer(run)]
-    try:
-        pids = set()
-        for newcomer in newcomers:
-            newcomer.conn.execute("BEGIN")
-            newcomer.look(in_transaction=True)
-            pids.add(newcomer.conn.execute("SELECT pg_backend_pid()").fetchone())
-        assert len(pids) == 2, "each newcomer should hold its own server"
-    finally:
-        for newcomer in newcomers:
-            newcomer.conn.close()
+    assert_left_clean(proxy, pg, run)
 
 
 # -- the violations the property test found, one deterministic case each ----------------------

@@ -10,17 +10,14 @@ matters (signals, RLIMIT_NOFILE), `start_cli(...)` runs `python -m pgproxy` inst
 
 from __future__ import annotations
 
-import resource
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from pgproxy.localpg import LocalPostgres, free_port
+from pgproxy.localpg import LocalPostgres
 from tests.e2e.conftest import ProxyThread
-from tests.e2e.helpers import REPO, ProxyProcess, cli_env, wait_for
+from tests.e2e.helpers import ProxyProcess, spawn_cli, stop_cli
 
 from .helpers import APP, pg_start, terminate_app_backends
 from .relay import Relay
@@ -89,43 +86,11 @@ def start_cli(cluster: LocalPostgres, tmp_path: Path) -> Iterator[Callable[..., 
     started: list[ProxyProcess] = []
 
     def start(*extra: str, nofile: int | None = None) -> ProxyProcess:
-        port = free_port()
-        log_path = tmp_path / f"pgproxy-{port}.log"
-        command = [
-            sys.executable, "-m", "pgproxy",
-            "--listen", f"127.0.0.1:{port}",
-            "--server", f"127.0.0.1:{cluster.port}",
-            "--user", f"{APP.user}:{APP.password}",
-            "--metrics-listen", "",
-            "--monitor-interval", "0",
-            *extra,
-        ]  # fmt: skip
-
-        def limit_descriptors() -> None:
-            if nofile is not None:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-        with log_path.open("wb") as log_file:
-            process = subprocess.Popen(
-                command,
-                cwd=REPO,
-                env=cli_env(),
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                preexec_fn=limit_descriptors,  # runs in the child before exec; no threads there
-            )
-        proxy = ProxyProcess(process, port, log_path)
+        server, user = f"127.0.0.1:{cluster.port}", f"{APP.user}:{APP.password}"
+        proxy = spawn_cli(server, user, tmp_path, extra, nofile=nofile)
         started.append(proxy)
-
-        def listening() -> bool:
-            assert process.poll() is None, f"pgproxy exited early:\n{proxy.log()}"
-            return not proxy.is_refusing()
-
-        wait_for(listening, timeout=15, what="pgproxy to listen")
         return proxy
 
     yield start
     for proxy in started:
-        if proxy.process.poll() is None:
-            proxy.process.kill()
-            proxy.process.wait(10)
+        stop_cli(proxy)

@@ -33,7 +33,6 @@ import psycopg
 
 from pgproxy.localpg import LocalPostgres
 from tests.e2e.conftest import ProxyThread
-from tests.e2e.helpers import wait_for
 from tests.e2e.test_isolation import (
     KINDS,
     SEED_ENV,
@@ -43,8 +42,8 @@ from tests.e2e.test_isolation import (
     SqlError,
     Violation,
     Worker,
-    _app_backends_in_transaction,
     _seed,
+    assert_left_clean,
 )
 
 from .helpers import FULL, scale
@@ -316,24 +315,4 @@ def test_clients_never_see_each_others_session_while_servers_are_cut_and_killed(
         assert faults.done["restart"] >= 1, context
     assert sum(n for kind, n in run.losses.items() if kind != "reconnect") >= 5, context
 
-    # Every client has gone: nothing is left open, locked or pinned on the servers.
-    wait_for(lambda: proxy.call(lambda: len(proxy.proxy.clients)) == 0, what="no clients left")
-    wait_for(lambda: not _app_backends_in_transaction(cluster), what="no backend in transaction")
-    wait_for(
-        lambda: proxy.call(lambda: all(s.state.pinned is None for s in proxy.proxy.servers)),
-        what="no server pinned",
-    )
-    assert cluster.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'") == [(0,)]
-
-    # Two newcomers inside transactions hold both servers of the pool at once and look.
-    newcomers = [Observer(run), Observer(run)]
-    try:
-        pids = set()
-        for newcomer in newcomers:
-            newcomer.conn.execute("BEGIN")
-            newcomer.look(in_transaction=True)
-            pids.add(newcomer.conn.execute("SELECT pg_backend_pid()").fetchone())
-        assert len(pids) == 2, "each newcomer should hold its own server"
-    finally:
-        for newcomer in newcomers:
-            newcomer.conn.close()
+    assert_left_clean(proxy, cluster, run)

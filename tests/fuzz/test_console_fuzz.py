@@ -15,7 +15,7 @@ import pytest
 from hypothesis import event, example, given
 from hypothesis import strategies as st
 
-from pgproxy.admin import AdminSession
+from pgproxy.admin import SHOW_ITEMS, AdminSession
 from pgproxy.config import load_settings
 from pgproxy.metrics import HEAD_LIMIT, HttpError, parse_request, split_head
 from pgproxy.proxy import Proxy
@@ -49,17 +49,8 @@ def unstarted_proxy() -> Proxy:
 
 WORDS = st.sampled_from(
     [
-        "POOLS",
+        *SHOW_ITEMS,  # every SHOW item the console knows, and one in lower case
         "clients",
-        "SERVERS",
-        "STATS",
-        "DATABASES",
-        "USERS",
-        "CONFIG",
-        "LISTS",
-        "LEAKS",
-        "VERSION",
-        "HELP",
         "app",
         "pgproxy",
         "12",
