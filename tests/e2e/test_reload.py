@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 import psycopg
@@ -15,7 +17,7 @@ from pgproxy.errors import ConfigError
 from pgproxy.localpg import LocalPostgres
 
 from .conftest import ProxyThread
-from .helpers import APP_PASSWORD, connect, conninfo, wait_for
+from .helpers import APP_PASSWORD, connect, conninfo, spawn_cli, stop_cli, wait_for
 
 
 def reloading(proxy: ProxyThread, base: dict[str, object]) -> Callable[..., list[str]]:
@@ -131,6 +133,63 @@ def test_reload_resizes_a_pool_under_load_without_a_single_client_error(
     assert done > 100
     # Shrunk to 2: the extra servers were closed as they came back.
     wait_for(lambda: pg.backends(user="app") <= 2, what="the pool to shrink to 2 servers")
+
+
+def test_sighup_resizes_a_pool_under_load_without_a_single_client_error(
+    pg: LocalPostgres, tmp_path: Path
+) -> None:
+    """The operator's path: `python -m pgproxy --config FILE`, the file edited, SIGHUP."""
+    config = tmp_path / "pgproxy.toml"
+    config.write_text("default_pool_size = 6\nquery_wait_timeout = 30\n")
+    proxy = spawn_cli(
+        f"{pg.host}:{pg.port}", f"app:{APP_PASSWORD}", tmp_path, ["--config", str(config)]
+    )
+    stop = asyncio.Event()
+    errors: list[BaseException] = []
+    done = 0
+
+    async def client() -> None:
+        nonlocal done
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=proxy.port, user="app", password=APP_PASSWORD, database="app"
+        )
+        try:
+            while not stop.is_set():
+                try:
+                    async with conn.transaction():
+                        await conn.fetchval("SELECT pg_sleep(0.005)")
+                        await conn.fetchval("SELECT 1")
+                    done += 1
+                except Exception as exc:
+                    errors.append(exc)
+                    return
+        finally:
+            await conn.close()
+
+    async def run() -> None:
+        tasks = [asyncio.create_task(client()) for _ in range(30)]
+        before = 6
+        for size in (3, 8, 2):
+            served = done
+            # Load runs at the old size until some transactions have gone through it.
+            await asyncio.to_thread(wait_for, lambda n=served: done >= n + 50)
+            config.write_text(f"default_pool_size = {size}\nquery_wait_timeout = 30\n")
+            proxy.process.send_signal(signal.SIGHUP)
+            line = f"reload: default_pool_size: {before} -> {size}"
+            await asyncio.to_thread(wait_for, lambda line=line: proxy.log_lines(line))
+            before = size
+        served = done
+        await asyncio.to_thread(wait_for, lambda: done >= served + 50)
+        stop.set()
+        await asyncio.gather(*tasks)
+
+    try:
+        asyncio.run(run())
+        assert not errors, errors[:3]
+        # Shrunk to 2: the extra servers were closed as they came back.
+        wait_for(lambda: pg.backends(user="app") <= 2, what="the pool to shrink to 2 servers")
+    finally:
+        stop_cli(proxy)
 
 
 def test_a_moved_upstream_lets_the_open_transaction_finish_then_replaces_its_server(

@@ -2,11 +2,13 @@
 
 Clients: psycopg (libpq) with sslmode=verify-full against the proxy's certificate, client
 certificates for verify-ca/verify-full, plaintext refused under require. Postgres: a cluster
-of its own with ssl=on, reached with server_tls_sslmode=verify-full.
+of its own with ssl=on, reached with server_tls_sslmode=verify-full and, where its
+pg_hba.conf asks for one, a client certificate.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import pwd
 import shutil
@@ -219,28 +221,26 @@ def _served(port: int, certs: Certs) -> tuple[str, bytes]:
 
 
 def test_reload_reads_renewed_certificates_and_a_bad_key_changes_nothing(
-    pg: LocalPostgres, tls_proxy: Callable[..., ProxyThread], certs: Certs, tmp_path: Path
+    pg: LocalPostgres,
+    tls_proxy: Callable[..., ProxyThread],
+    certs: Certs,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     cert, key = tmp_path / "live.crt", tmp_path / "live.key"
     shutil.copy(certs.server_cert, cert)
     shutil.copy(certs.server_key, key)
     proxy = tls_proxy(client_tls_cert_file=str(cert), client_tls_key_file=str(key))
-    flags = {
-        "listen": "127.0.0.1:0",
-        "server": f"{pg.host}:{pg.port}",
-        "users": [f"app:{APP_PASSWORD}"],
-        "metrics_listen": "",
-        "monitor_interval": "0",
-        "client_tls_sslmode": "require",
-        "client_tls_cert_file": str(cert),
-        "client_tls_key_file": str(key),
-    }
-    proxy.proxy._reload_settings = lambda: load_settings(flags, environ={})
+    # The configuration reads the same; only the files behind it change.
+    proxy.proxy._reload_settings = proxy.proxy.settings.model_copy
     cn_before, der_before = _served(proxy.port, certs)
     renewed_cert, renewed_key = certs.client("renewed")
     shutil.copy(renewed_cert, cert)
     shutil.copy(renewed_key, key)
-    proxy.call(proxy.proxy.reload)
+    with caplog.at_level(logging.INFO, logger="pgproxy"):
+        assert proxy.call(proxy.proxy.reload) == []
+    # No setting changed, and the log says the certificates were read again anyway.
+    assert "reload: no setting changed; TLS certificates read again" in caplog.text
     cn_after, der_after = _served(proxy.port, certs)
     assert cn_after == cn_before == "localhost"
     assert der_after != der_before  # the renewed certificate is served
@@ -292,17 +292,19 @@ def ssl_pg(certs: Certs) -> Iterator[LocalPostgres]:
     # Not under pytest's temporary root: that is private to this user, not to postgres.
     files = Path(tempfile.mkdtemp(prefix="pgproxy-tls-"))
     files.chmod(0o755)
-    for name in ("server.crt", "server.key"):
+    for name in ("server.crt", "server.key", "ca.crt"):
         shutil.copy(certs.dir / name, files / name)
     (files / "server.key").chmod(0o600)
     if os.geteuid() == 0:
         entry = pwd.getpwnam("postgres")
-        for path in (files, files / "server.crt", files / "server.key"):
+        for path in (files, files / "server.crt", files / "server.key", files / "ca.crt"):
             os.chown(path, entry.pw_uid, entry.pw_gid)
     settings = {
         "ssl": "on",
         "ssl_cert_file": str(files / "server.crt"),
         "ssl_key_file": str(files / "server.key"),
+        # Client certificates signed by the test CA are checked where pg_hba.conf asks.
+        "ssl_ca_file": str(files / "ca.crt"),
     }
     try:
         with LocalPostgres(max_connections=10, settings=settings) as cluster:
@@ -326,6 +328,55 @@ def test_server_tls_verify_full_encrypts_the_server_connections(
     ) as conn:
         row = conn.execute("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()").fetchone()
         assert row == (True,)
+
+
+def test_server_tls_client_certificate_satisfies_a_clientcert_rule_in_pg_hba(
+    make_proxy: Callable[..., ProxyThread], ssl_pg: LocalPostgres, certs: Certs
+) -> None:
+    """server_tls_cert_file/key_file: Postgres requires a certificate naming the user for
+    one database (`clientcert=verify-full`); the proxy logs in with app's."""
+    ssl_pg.create_database("certdb", owner="app")
+    hba = ssl_pg.data_dir / "pg_hba.conf"
+    rules = hba.read_text()
+    hba.write_text(
+        "hostssl certdb app 127.0.0.1/32 scram-sha-256 clientcert=verify-full\n"
+        "host certdb all 127.0.0.1/32 reject\n" + rules
+    )
+    ssl_pg.execute("SELECT pg_reload_conf()")
+
+    def refused_without_a_certificate() -> bool:
+        try:
+            psycopg.connect(ssl_pg.dsn("app", APP_PASSWORD, "certdb"), sslmode="require").close()
+        except psycopg.OperationalError as exc:
+            return "certificate" in str(exc)
+        return False
+
+    wait_for(refused_without_a_certificate, what="pg_hba.conf to ask for a certificate")
+    app_cert, app_key = certs.client("app")
+    proxy = make_proxy(
+        server=f"{ssl_pg.host}:{ssl_pg.port}",
+        server_tls_sslmode="verify-full",
+        server_tls_ca_file=str(certs.ca),
+        server_tls_cert_file=str(app_cert),
+        server_tls_key_file=str(app_key),
+    )
+    with psycopg.connect(
+        host="127.0.0.1", port=proxy.port, user="app", password=APP_PASSWORD, dbname="certdb"
+    ) as conn:
+        row = conn.execute(
+            "SELECT ssl, client_dn FROM pg_stat_ssl WHERE pid = pg_backend_pid()"
+        ).fetchone()
+        assert row == (True, "/CN=app")
+    # The same proxy without the certificate is refused by Postgres, and says so.
+    bare = make_proxy(
+        server=f"{ssl_pg.host}:{ssl_pg.port}",
+        server_tls_sslmode="verify-full",
+        server_tls_ca_file=str(certs.ca),
+    )
+    with pytest.raises(psycopg.OperationalError, match="certificate"):
+        psycopg.connect(
+            host="127.0.0.1", port=bare.port, user="app", password=APP_PASSWORD, dbname="certdb"
+        ).execute("SELECT 1")
 
 
 def test_server_tls_with_the_wrong_ca_or_no_tls_fails_with_08006(
