@@ -4,37 +4,40 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cksum < pyproject.toml | cut -d' ' -f1)
+# The hot path compiled in place (setup.py, pgproxy/hotpath.py), after any change to the package.
+COMPILED := $(VENV)/.compiled
 APT_PACKAGES := postgresql postgresql-client
 NODE_DRIVERS := tests/drivers/node
 NODE_STAMP := $(NODE_DRIVERS)/node_modules/.package-lock.json
 export DEBIAN_FRONTEND := noninteractive
 
-.PHONY: run test lint typecheck unit e2e bench setup system-packages other-drivers pgbouncer jemalloc clean
+.PHONY: run test lint typecheck unit e2e bench setup compile compiler system-packages other-drivers \
+	pgbouncer jemalloc clean
 
-run: setup
+run: setup compile
 	$(PY) -m pgproxy.demo
 
-test: setup other-drivers jemalloc
-	$(PY) -m ruff format --check pgproxy tests bench
-	$(PY) -m ruff check pgproxy tests bench
+test: setup other-drivers jemalloc compile
+	$(PY) -m ruff format --check pgproxy tests bench setup.py
+	$(PY) -m ruff check pgproxy tests bench setup.py
 	$(PY) -m mypy pgproxy
-	$(PY) -m pytest -q
+	PGPROXY_EXPECT_COMPILED=1 $(PY) -m pytest -q
 
 lint: setup
-	$(PY) -m ruff format --check pgproxy tests bench
-	$(PY) -m ruff check pgproxy tests bench
+	$(PY) -m ruff format --check pgproxy tests bench setup.py
+	$(PY) -m ruff check pgproxy tests bench setup.py
 
 typecheck: setup
 	$(PY) -m mypy pgproxy
 
-unit: setup
+unit: setup compile
 	$(PY) -m pytest -q tests/unit
 
-e2e: setup other-drivers jemalloc
+e2e: setup other-drivers jemalloc compile
 	$(PY) -m pytest -q tests/e2e
 
 # The issue's whole matrix (~55 min on 2 cores): writes bench/RESULTS.md and bench/results.png.
-bench: setup pgbouncer jemalloc
+bench: setup pgbouncer jemalloc compile
 	@$(PY) -c 'import matplotlib' 2>/dev/null || $(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) bench/run.py --all
 
@@ -45,8 +48,9 @@ $(STAMP):
 	@$(PYTHON) -m venv --help >/dev/null 2>&1 || $(call apt_install,python3-venv)
 	rm -f $(VENV)/.installed-*
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --upgrade pip setuptools
+	# Interpreted here; `make compile` builds the hot path in place, again after each change.
+	PGPROXY_COMPILE=0 $(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
 # PostgreSQL's server binaries (initdb, postgres, pg_ctl, pgbench) and psql, for the throwaway
@@ -81,6 +85,21 @@ other-drivers:
 	    cd $(NODE_DRIVERS) && npm ci --no-audit --no-fund --loglevel=error; \
 	fi
 
+# mypyc's C output, compiled in place beside the sources (`*.so`, ignored by git). Tests and
+# the bench run what the container image runs; a stale build is refused by the tests.
+compile: setup compiler $(COMPILED)
+
+$(COMPILED): $(STAMP) setup.py $(wildcard pgproxy/*.py pgproxy/*/*.py)
+	PGPROXY_COMPILE=1 $(PY) setup.py -q build_ext --inplace --force -j 2
+	touch $@
+
+# A C compiler and the headers of the Python the virtualenv runs, for mypyc.
+compiler:
+	@command -v gcc >/dev/null || $(call apt_install,gcc libc6-dev)
+	@$(PYTHON) -c 'import pathlib, sys, sysconfig; \
+	    sys.exit(not pathlib.Path(sysconfig.get_paths()["include"], "Python.h").exists())' \
+	    || $(call apt_install,python3-dev)
+
 pgbouncer:
 	@command -v pgbouncer >/dev/null || ls /usr/sbin/pgbouncer >/dev/null 2>&1 \
 	    || $(call apt_install,pgbouncer)
@@ -93,6 +112,8 @@ jemalloc:
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis build *.egg-info
+	find pgproxy -name '*.so' -delete
+	rm -f pgproxy__mypyc.*.so
 
 # apt-get install as root; otherwise say exactly what to run, and stop unless the second
 # argument says what is lost without the packages (then it is only a note).

@@ -60,6 +60,7 @@ from targets import (
     Target,
     allocator_text,
     chown_to_postgres,
+    hotpath_text,
     raise_fd_limit,
     resolve_allocator,
     running_targets,
@@ -140,7 +141,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default="direct,pgbouncer,pgproxy",
         help="comma-separated subset of direct,pgbouncer,pgproxy,pgproxy-nometrics (pgproxy "
         "with /metrics off and no server monitor: the cost of observability),pgproxy-w2 "
-        "(--workers 2),pgproxy-pymalloc (on Python's own allocator, whatever --allocator)",
+        "(--workers 2),pgproxy-pymalloc (on Python's own allocator, whatever --allocator),"
+        "pgproxy-interpreted (the hot path not compiled: a copy of the package without its "
+        "compiled modules)",
     )
     parser.add_argument(
         "--workloads",
@@ -523,7 +526,8 @@ def render(run: Run) -> str:
         f"Targets: {', '.join(args.targets)}. Poolers: transaction pooling, pool size "
         f"{args.pool_size}, SCRAM-SHA-256 for clients with the user's secret as pg_authid "
         "stores it (PgBouncer's auth_file; pgproxy's --user), and SCRAM pass-through to "
-        f"PostgreSQL: no pooler runs PBKDF2 per client login. {allocator_text(args.allocator)}.",
+        f"PostgreSQL: no pooler runs PBKDF2 per client login. {allocator_text(args.allocator)}. "
+        f"pgproxy's start-up log said: `{hotpath_text()}`.",
         "",
     ]
     for name, reason in run.skipped.items():

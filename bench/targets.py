@@ -41,6 +41,7 @@ TARGET_NAMES = (
     "pgproxy-nometrics",
     "pgproxy-w2",
     "pgproxy-pymalloc",
+    "pgproxy-interpreted",
 )
 POOLERS = frozenset(TARGET_NAMES) - {"direct"}
 # How long a pooler may take to accept TCP connections after it was spawned.
@@ -117,6 +118,26 @@ def allocator_text(allocator: str) -> str:
             + ")"
         )
     return "pgproxy ran on Python's own allocator (pymalloc)"
+
+
+def hotpath_text(cwd: Path = REPO) -> str:
+    """What pgproxy's start-up log says of its hot path, for the report."""
+    script = "from pgproxy import hotpath; print(hotpath.describe())"
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=cwd, capture_output=True, text=True, check=False
+    )
+    return done.stdout.strip() or f"hot path: unknown ({done.stderr.strip()[-200:]})"
+
+
+def interpreted_tree(workdir: Path) -> Path:
+    """A copy of the package without its compiled modules. `python -m pgproxy` started there
+    imports the copy (the current directory comes first on sys.path): the interpreted hot path,
+    to measure beside the compiled one."""
+    root = workdir / "interpreted"
+    shutil.rmtree(root, ignore_errors=True)
+    skip = shutil.ignore_patterns("*.so", "__pycache__")
+    shutil.copytree(REPO / "pgproxy", root / "pgproxy", ignore=skip)
+    return root
 
 
 # -- processes -------------------------------------------------------------------------
@@ -265,11 +286,13 @@ def start_pgproxy(
     metrics: bool = True,
     workers: int = 1,
     name: str | None = None,
+    cwd: Path = REPO,
 ) -> Target:
     """pgproxy with its metrics endpoint and server monitor, or without either
     (`pgproxy-nometrics`): the pair shows what observability costs. `pgproxy-w2`: two
     workers (its CPU is the supervisor's and the workers'). `pgproxy-pymalloc`: on Python's
-    own allocator whatever `config.allocator` says, to measure the two side by side."""
+    own allocator whatever `config.allocator` says, to measure the two side by side.
+    `pgproxy-interpreted`: the hot path not compiled (see `interpreted_tree`)."""
     port = free_port(HOST)
     metrics_port = free_port(HOST) if metrics else None
     if name is None:
@@ -289,7 +312,7 @@ def start_pgproxy(
         "--workers", str(workers),
     ]  # fmt: skip
     log = workdir / f"{name}.log"
-    process = spawn(command, log, cwd=REPO, env=allocator_env(config.allocator))
+    process = spawn(command, log, cwd=cwd, env=allocator_env(config.allocator))
     return started(Target(name, port, process, metrics_port=metrics_port), log)
 
 
@@ -300,6 +323,8 @@ def start_target(name: str, workdir: Path, pg: LocalPostgres, config: PoolerConf
         return start_pgbouncer(workdir, pg, config)
     if name == "pgproxy-w2":
         return start_pgproxy(workdir, pg, config, workers=2)
+    if name == "pgproxy-interpreted":
+        return start_pgproxy(workdir, pg, config, name=name, cwd=interpreted_tree(workdir))
     if name == "pgproxy-pymalloc":
         pymalloc = dataclasses.replace(config, allocator="pymalloc")
         return start_pgproxy(workdir, pg, pymalloc, name=name)

@@ -24,7 +24,7 @@ from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
-from pgproxy import memory
+from pgproxy import hotpath, memory
 from pgproxy.admin import ADMIN_DATABASES, AdminSession, admin_welcome
 from pgproxy.auth_query import AuthCache
 from pgproxy.config import PoolMode, PoolPolicy, Settings, TlsMode
@@ -275,6 +275,9 @@ class Proxy:
         )
         if worker is None or worker.index == 0:
             log.info("%s", memory.describe(memory.allocator()))
+            log.info("%s", hotpath.describe())
+            for name in hotpath.stale():
+                log.warning("%s is compiled from an older %s.py: run `make compile`", name, name)
 
     async def _listen_unix(self, directory: str) -> asyncio.Server:
         """Listen on DIR/.s.PGSQL.<port>; a stale socket file is replaced, a live one is not."""

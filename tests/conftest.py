@@ -11,10 +11,21 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
+from pgproxy import hotpath
 from pgproxy.localpg import Credentials, LocalPostgres
 
 # The ordinary application login every e2e test connects as: not a superuser, owns its database.
 APP = Credentials(user="app", password="app-secret", database="app")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A module compiled before its source last changed: the tests would pass or fail on code
+    # that the file no longer says.
+    stale = hotpath.stale()
+    if stale:
+        raise pytest.UsageError(
+            f"the compiled {', '.join(stale)} is older than its source: run `make compile`"
+        )
 
 
 @pytest.fixture(scope="session")

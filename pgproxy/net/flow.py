@@ -5,13 +5,14 @@ other side's `pause_reading()`, so a slow reader throttles its peer instead of g
 """
 
 import asyncio
+from typing import Final
 
 
 class GateReason:
     """Bits of a gate's reason set; plain ints, because IntFlag arithmetic is slow."""
 
-    PEER_BACKLOG = 1  # the linked peer cannot take more bytes
-    WAITING_FOR_SERVER = 2  # a client holds a message and waits for a server
+    PEER_BACKLOG: Final = 1  # the linked peer cannot take more bytes
+    WAITING_FOR_SERVER: Final = 2  # a client holds a message and waits for a server
 
 
 class ReadGate:

@@ -362,7 +362,10 @@ def test_dockerfile_builds_a_virtualenv_and_runs_it_on_a_slim_python_image():
     # The virtualenv's python links to the base image's interpreter: the same image both times.
     assert runtime.base == builder.base
     venv = builder.last("RUN").words()[0].removesuffix("/bin/pip")
-    assert builder.all("RUN")[0].words() == ["python", "-m", "venv", venv]
+    assert ["python", "-m", "venv", venv] in [r.words() for r in builder.all("RUN")]
+    # The builder compiles the hot path, and a build that cannot fails (PGPROXY_COMPILE=1).
+    assert "--no-install-recommends gcc libc6-dev" in builder.all("RUN")[0].args
+    assert builder.env()["PGPROXY_COMPILE"] == "1"
     # The runtime stage takes the virtualenv only, to the same path (its scripts' #! lines).
     copies = runtime.all("COPY") + runtime.all("ADD")
     assert [(c.flags, c.words()) for c in copies] == [({"from": builder.name}, [venv, venv])]
@@ -428,7 +431,13 @@ def test_dockerfile_healthcheck_asks_healthz_with_the_images_python():
 
 def test_dockerignore_keeps_the_package_and_leaves_out_the_rest():
     ignore = DockerIgnore(DOCKERIGNORE.read_text())
-    for kept in ("pyproject.toml", "README.md", "pgproxy/__init__.py", "pgproxy/core/pool.py"):
+    for kept in (
+        "pyproject.toml",
+        "setup.py",
+        "README.md",
+        "pgproxy/__init__.py",
+        "pgproxy/core/pool.py",
+    ):
         assert not ignore.excludes(kept), kept
     for left_out in (
         ".venv/bin/python",
@@ -439,6 +448,7 @@ def test_dockerignore_keeps_the_package_and_leaves_out_the_rest():
         "pgproxy.egg-info/PKG-INFO",
         "build/lib/pgproxy/cli.py",
         "bench/run.py",
+        "pgproxy/net/flow.cpython-311-x86_64-linux-gnu.so",
     ):
         assert ignore.excludes(left_out), left_out
 
@@ -515,6 +525,23 @@ def _build_env() -> dict[str, str]:
     return env
 
 
+def _assert_installed(script: str) -> None:
+    """The packages of an `apt-get install` step are installed here (Debian's dpkg says)."""
+    words = script.split("apt-get install", 1)[1].split("&&", 1)[0].split()
+    packages = [w for w in words if not w.startswith("-") and w != "\\"]
+    assert packages, script
+    if shutil.which("dpkg-query") is None:
+        pytest.skip("not a Debian system: cannot check the builder's packages")
+    for package in packages:
+        status = subprocess.run(
+            ["dpkg-query", "-W", "-f=${Status}", package],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout
+        assert status == "install ok installed", f"{package} is not installed: {status!r}"
+
+
 @pytest.fixture(scope="module")
 def image_install(tmp_path_factory: pytest.TempPathFactory) -> ImageInstall:
     """The builder stage replayed here: context through .dockerignore, then its RUNs.
@@ -538,6 +565,9 @@ def image_install(tmp_path_factory: pytest.TempPathFactory) -> ImageInstall:
             _host_path(root, workdir).mkdir(parents=True, exist_ok=True)
         elif instruction.keyword == "ENV":
             env.update(builder.env())
+        elif instruction.keyword == "RUN" and instruction.args.startswith("apt-get update"):
+            # System packages: this machine must have them (`make compile` installs them).
+            _assert_installed(instruction.args)
         elif instruction.keyword == "RUN":
             # Only cache mounts, which change how fast a build is, not what it builds.
             mount = instruction.flags.get("mount", "type=cache,")
@@ -707,6 +737,7 @@ def test_image_entrypoint_serves_the_cluster_and_exits_0_on_sigterm(image_instal
         assert "stopped" in running.log()
         if HOST_JEMALLOC is not None:  # `make test` installs libjemalloc2
             assert "memory allocator: jemalloc" in running.log(), running.log()
+        assert "hot path: compiled (mypyc)" in running.log(), running.log()
         # And the health check notices a pgproxy that is gone.
         assert subprocess.run(check, capture_output=True, timeout=10).returncode != 0
 
