@@ -456,7 +456,7 @@ class ServerState:
 
     def close_statements(self, names: list[bytes]) -> bytes:
         """Close + Sync for statements evicted from this server (answers swallowed)."""
-        raw = b"".join(close_statement_message(name) for name in names) + messages.sync()
+        raw = b"".join([close_statement_message(name) for name in names]) + messages.sync()
         if self.tracker is not None:
             for name in names:
                 self.tracker.expect(Expected(FrontendCode.CLOSE, Action.SWALLOW, statement=name))

@@ -215,7 +215,7 @@ def inspect(sql: bytes) -> SessionEffect | None:
         closed = (closed | effect.closed_cursors) - effect.hold_cursors
     return SessionEffect(  # several statements: a SET among them pins (no `sets`)
         pin=next((e.pin for e in effects if e.pin is not None), None),
-        resets=frozenset().union(*(e.resets for e in effects)),
+        resets=frozenset().union(*[e.resets for e in effects]),
         reset_all=any(e.reset_all for e in effects),
         deallocate_all=any(e.deallocate_all for e in effects),
         hold_cursors=held,
