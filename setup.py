@@ -12,6 +12,7 @@ import os
 import runpy
 import sys
 from pathlib import Path
+from typing import Any
 
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
@@ -37,6 +38,29 @@ class OptionalBuildExt(build_ext):
             print(f"pgproxy: hot path not compiled ({exc}); it runs interpreted", file=sys.stderr)
 
 
+def fix_bytes_slice(extensions: list[Any]) -> None:
+    """Build with a corrected copy of mypyc's bytes_ops.c.
+
+    Its bytes slice returns a negative length when the end comes before the start, which
+    Python answers with b"": compiled, `data[5:2]` raises SystemError. Client bytes reach
+    such slices (a Bind whose statement name is not terminated), so the copy clamps the
+    length at 0. tests/unit/test_prepared.py fails when a build slices the wrong way.
+    """
+    import mypyc
+
+    text = (Path(mypyc.__file__).parent / "lib-rt" / "bytes_ops.c").read_text()
+    wrong = "Py_ssize_t slice_len = endn - startn;"
+    if text.count(wrong) != 1:
+        return  # changed upstream; the test says whether the slice is right now
+    fixes = Path("build", "mypyc-fixes")
+    fixes.mkdir(parents=True, exist_ok=True)
+    right = "Py_ssize_t slice_len = endn > startn ? endn - startn : 0;"
+    (fixes / "bytes_ops.c").write_text(text.replace(wrong, right))
+    for extension in extensions:
+        # Before mypyc's own lib-rt: `#include <bytes_ops.c>` finds the copy.
+        extension.include_dirs.insert(0, str(fixes.resolve()))
+
+
 def extensions() -> list[object]:
     if MODE == "0":
         return []
@@ -49,12 +73,14 @@ def extensions() -> list[object]:
         return []
     try:
         # group_name: one shared library, pgproxy__mypyc, instead of one named by a hash.
-        return list(mypycify(COMPILED, opt_level="3", group_name="pgproxy"))
+        built = list(mypycify(COMPILED, opt_level="3", group_name="pgproxy"))
     except (Exception, SystemExit) as exc:  # mypyc type-checks first, and exits on an error
         if MODE == "1":
             raise
         print(f"pgproxy: mypyc failed ({exc}); the hot path runs interpreted", file=sys.stderr)
         return []
+    fix_bytes_slice(built)
+    return built
 
 
 setup(ext_modules=extensions(), cmdclass={"build_ext": OptionalBuildExt})

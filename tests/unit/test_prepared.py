@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -257,6 +258,21 @@ def test_rewriter_maps_bind_and_describe_of_a_statement_in_place() -> None:
         + msg("D", b"S" + server_name + b"\x00") + msg("E", b"portal\x00" + bytes(4)) + msg("S")
     )  # fmt: skip
     assert sent[0] == (F.BIND, b"portal\x00" + server_name + b"\x00", 0)
+    assert len(tracker) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [b"portal-and-no-terminator", b"portal\x00s1-and-no-terminator", b"", b"\x00"],
+)
+def test_a_bind_with_an_unterminated_name_is_left_for_the_server_to_refuse(body: bytes) -> None:
+    """Hostile input: the name ends before it starts. Interpreted, the slice is b""; the
+    compiled build once raised SystemError here (setup.py, fix_bytes_slice)."""
+    rewriter, _client, _server, tracker = linked(b"SELECT $1\x00\x00\x00")
+    chunk = msg("B", body) + msg("S")
+    out, sent = rewriter.feed(chunk)
+    assert out == chunk
+    assert sent[0][0] == F.BIND
     assert len(tracker) == 1
 
 
