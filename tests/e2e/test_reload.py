@@ -83,38 +83,46 @@ def test_a_bad_configuration_changes_nothing(pg: LocalPostgres, make_proxy) -> N
     assert proxy.proxy.settings is before
 
 
+class Load:
+    """Clients running short transactions through a proxy until `stop`, counting them and
+    keeping any error (a client stops at its first)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.stop = asyncio.Event()
+        self.errors: list[BaseException] = []
+        self.done = 0
+
+    async def client(self) -> None:
+        conn = await asyncpg.connect(
+            host="127.0.0.1", port=self.port, user="app", password=APP_PASSWORD, database="app"
+        )
+        try:
+            while not self.stop.is_set():
+                try:
+                    async with conn.transaction():
+                        await conn.fetchval("SELECT pg_sleep(0.005)")
+                        await conn.fetchval("SELECT 1")
+                    self.done += 1
+                except Exception as exc:
+                    self.errors.append(exc)
+                    return
+        finally:
+            await conn.close()
+
+
 def test_reload_resizes_a_pool_under_load_without_a_single_client_error(
     pg: LocalPostgres, make_proxy
 ) -> None:
     proxy = make_proxy()
     reload = reloading(proxy, base_flags(pg, proxy))
-    stop = asyncio.Event()
-    errors: list[BaseException] = []
-    done = 0
-
-    async def client() -> None:
-        nonlocal done
-        conn = await asyncpg.connect(
-            host="127.0.0.1", port=proxy.port, user="app", password=APP_PASSWORD, database="app"
-        )
-        try:
-            while not stop.is_set():
-                try:
-                    async with conn.transaction():
-                        await conn.fetchval("SELECT pg_sleep(0.005)")
-                        await conn.fetchval("SELECT 1")
-                    done += 1
-                except Exception as exc:
-                    errors.append(exc)
-                    return
-        finally:
-            await conn.close()
+    load = Load(proxy.port)
 
     def size() -> int:
         return int(proxy.call(lambda: report.pools(proxy.proxy, proxy.proxy.now())[0].size))
 
     async def run() -> list[int]:
-        tasks = [asyncio.create_task(client()) for _ in range(30)]
+        tasks = [asyncio.create_task(load.client()) for _ in range(30)]
         sizes = []
         for pool_size in ("6", "3", "8", "2"):
             await asyncio.sleep(0.3)  # load runs at the old size for a while
@@ -123,14 +131,14 @@ def test_reload_resizes_a_pool_under_load_without_a_single_client_error(
             peak = await asyncio.to_thread(pg.backends, user="app")
             assert peak <= max(int(pool_size), 8)
         await asyncio.sleep(0.3)
-        stop.set()
+        load.stop.set()
         await asyncio.gather(*tasks)
         return sizes
 
     sizes = asyncio.run(run())
-    assert not errors, errors[:3]
+    assert not load.errors, load.errors[:3]
     assert sizes == [6, 3, 8, 2]
-    assert done > 100
+    assert load.done > 100
     # Shrunk to 2: the extra servers were closed as they came back.
     wait_for(lambda: pg.backends(user="app") <= 2, what="the pool to shrink to 2 servers")
 
@@ -144,48 +152,28 @@ def test_sighup_resizes_a_pool_under_load_without_a_single_client_error(
     proxy = spawn_cli(
         f"{pg.host}:{pg.port}", f"app:{APP_PASSWORD}", tmp_path, ["--config", str(config)]
     )
-    stop = asyncio.Event()
-    errors: list[BaseException] = []
-    done = 0
-
-    async def client() -> None:
-        nonlocal done
-        conn = await asyncpg.connect(
-            host="127.0.0.1", port=proxy.port, user="app", password=APP_PASSWORD, database="app"
-        )
-        try:
-            while not stop.is_set():
-                try:
-                    async with conn.transaction():
-                        await conn.fetchval("SELECT pg_sleep(0.005)")
-                        await conn.fetchval("SELECT 1")
-                    done += 1
-                except Exception as exc:
-                    errors.append(exc)
-                    return
-        finally:
-            await conn.close()
+    load = Load(proxy.port)
 
     async def run() -> None:
-        tasks = [asyncio.create_task(client()) for _ in range(30)]
+        tasks = [asyncio.create_task(load.client()) for _ in range(30)]
         before = 6
         for size in (3, 8, 2):
-            served = done
+            served = load.done
             # Load runs at the old size until some transactions have gone through it.
-            await asyncio.to_thread(wait_for, lambda n=served: done >= n + 50)
+            await asyncio.to_thread(wait_for, lambda n=served: load.done >= n + 50)
             config.write_text(f"default_pool_size = {size}\nquery_wait_timeout = 30\n")
             proxy.process.send_signal(signal.SIGHUP)
             line = f"reload: default_pool_size: {before} -> {size}"
             await asyncio.to_thread(wait_for, lambda line=line: proxy.log_lines(line))
             before = size
-        served = done
-        await asyncio.to_thread(wait_for, lambda: done >= served + 50)
-        stop.set()
+        served = load.done
+        await asyncio.to_thread(wait_for, lambda: load.done >= served + 50)
+        load.stop.set()
         await asyncio.gather(*tasks)
 
     try:
         asyncio.run(run())
-        assert not errors, errors[:3]
+        assert not load.errors, load.errors[:3]
         # Shrunk to 2: the extra servers were closed as they came back.
         wait_for(lambda: pg.backends(user="app") <= 2, what="the pool to shrink to 2 servers")
     finally:
