@@ -116,8 +116,9 @@ def monitor_login(settings: Settings) -> MonitorLogin | str:
 
     A forced server user (`server = postgresql://user:password@...`) is used as the proxy
     itself uses it (its password from the URL, else from its `users` entry if plaintext, else
-    none, for trust). Otherwise: the first of `users` with a plaintext password; a SCRAM or
-    md5 secret cannot log in to Postgres on its own.
+    none, for trust). Otherwise: the first of `users` with a plaintext password, console users
+    (`admin_users`, `stats_users`) last; a SCRAM or md5 secret cannot log in to Postgres on
+    its own.
     """
     server = settings.server
     database = server.dbname or "postgres"
@@ -127,7 +128,9 @@ def monitor_login(settings: Settings) -> MonitorLogin | str:
     if server.user is not None:
         password = server.password if server.password is not None else plaintext.get(server.user)
         return MonitorLogin(server.host, server.port, server.user, password, database)
-    first = next(iter(plaintext.items()), None)
+    # Console users are often names only the proxy knows (as PgBouncer's admin_users are).
+    console = {*settings.admin_users, *settings.stats_users}
+    first = min(plaintext.items(), key=lambda item: item[0] in console, default=None)
     if first is not None:
         return MonitorLogin(server.host, server.port, first[0], first[1], database)
     return "no credentials: give the server URL a user and password, or a user a plaintext password"

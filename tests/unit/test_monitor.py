@@ -58,6 +58,14 @@ def test_login_picks_the_first_user_with_a_plaintext_password():
     assert login == MonitorLogin("db", 5432, "b", "pw-b", "postgres")
 
 
+def test_login_tries_application_users_before_console_users():
+    # A converted pgbouncer.ini: its admin is often a name only the proxy knows.
+    config = settings(server="db:5432", users=["admin:pw-admin", "app:pw-app"], admin_users="admin")
+    assert monitor_login(config) == MonitorLogin("db", 5432, "app", "pw-app", "postgres")
+    only_console = settings(server="db:5432", users=["admin:pw-admin"], admin_users="admin")
+    assert monitor_login(only_console) == MonitorLogin("db", 5432, "admin", "pw-admin", "postgres")
+
+
 def test_without_usable_credentials_the_monitor_says_why_and_stays_down():
     config = settings(users=[f"a:{SCRAM_SECRET}"], monitor_interval="1")
     assert isinstance(monitor_login(config), str)
