@@ -157,7 +157,14 @@ def _show_observability(pg: LocalPostgres, port: int, metrics_port: int) -> None
             print(f"    {line}")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main() -> int:
+    # SIGTERM (make's children get it when make is stopped; so do `timeout` and systemd) ends
+    # the demo as Ctrl-C does: pgproxy stopped, the throwaway cluster removed.
+    signal.signal(signal.SIGTERM, _interrupt)
     if os.environ.get("PGPROXY_SERVER"):
         port = _port(6432)
         print(f"pgproxy in front of {os.environ['PGPROXY_SERVER']} on 127.0.0.1:{port}")
