@@ -59,8 +59,5 @@ def describe() -> str:
     if len(done) == len(MODULES):
         return "hot path: compiled (mypyc)"
     if not done:
-        return (
-            "hot path: interpreted (pgproxy was installed without a C compiler; "
-            "README, Performance)"
-        )
+        return "hot path: interpreted (not compiled when installed; README, Performance)"
     return f"hot path: partly compiled ({len(done)} of {len(MODULES)} modules)"
