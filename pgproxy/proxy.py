@@ -1,9 +1,9 @@
 """`Proxy`: owns settings, pools, listeners and tasks; starts, drains and stops.
 
-Every path that gives a server connection back goes through `checkin` (clean → pool or next
-waiter, otherwise close) or `_release_orphan` (its client left: roll back, reset, or close).
-Coroutines here are control work only (server login, cancel, watchdog, shutdown); the data
-path is the protocols' callbacks.
+Every path that gives a server connection back goes through `checkin` (net/handoff.py: clean
+→ pool or next waiter, otherwise close) or `_release_orphan` (its client left: roll back,
+reset, or close). Coroutines here are control work only (server login, cancel, watchdog,
+shutdown); the data path is the protocols' callbacks.
 """
 
 from __future__ import annotations
@@ -50,6 +50,7 @@ from pgproxy.monitor import ServerMonitor
 from pgproxy.net.client_connection import ClientConnection
 from pgproxy.net.connector import open_server, send_cancel
 from pgproxy.net.flow import GateReason
+from pgproxy.net.handoff import checkin
 from pgproxy.net.server_connection import ServerConnection
 from pgproxy.net.tls import client_context, server_context
 from pgproxy.report import client_report
@@ -127,7 +128,7 @@ class Proxy:
             u.name: user_auth_from_password(u.name, u.password) for u in settings.users
         }
         self.pools: dict[PoolKey, ServerPool] = {}
-        self._targets: dict[PoolKey, PoolTarget] = {}
+        self.targets: dict[PoolKey, PoolTarget] = {}
         self.clients: set[ClientConnection] = set()
         self.servers: set[ServerConnection] = set()
         first, step = (worker.index + 1, worker.count) if worker is not None else (1, 1)
@@ -484,7 +485,7 @@ class Proxy:
             pool.paused = self.is_paused(event.database)
             self.pools[key] = pool
             self.policies[key] = policy
-            self._targets[key] = target
+            self.targets[key] = target
         state = ClientState(
             id=client.id,
             user=event.user,
@@ -565,39 +566,7 @@ class Proxy:
             dbname=upstream.dbname or database, address=(upstream.host, upstream.port)
         )
 
-    def idle_server_for(self, client: ClientConnection) -> ServerConnection | None:
-        """An idle server of the client's pool taken for it now, if one is free and nobody
-        waits before it (else None: the caller holds its bytes and requests one)."""
-        pool = client.pool
-        if pool is None or not pool.idle or pool.waiters or pool.paused or self.draining:
-            return None
-        delay = self.check_delay
-        if delay is not None and time.monotonic() - next(reversed(pool.idle.values())) >= delay:
-            return None  # idle too long: request_server checks it first
-        return pool.checkout(client, 0.0)  # an idle server and no waiter: never queues
-
-    def request_server(self, client: ClientConnection) -> bool:
-        """Link `client` to a server now (True), or queue it for one (False)."""
-        pool = client.pool
-        assert pool is not None
-        if self.draining:
-            client.fail(self.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
-            return False
-        now = self.now()
-        server = pool.checkout(client, now)
-        if server is not None:
-            delay = self.check_delay
-            if delay is None or now - pool.taken_idle_since < delay:
-                client.link(server)
-                return True
-            # server_check_query first; the client waits, first in line (nobody waited).
-            pool.waiters[client] = now
-            self._check(server, now)
-            return False
-        self._replenish(pool)
-        return False
-
-    def _check(self, server: ServerConnection, now: float) -> None:
+    def check_server(self, server: ServerConnection, now: float) -> None:
         """Run server_check_query on a server idle for server_check_delay; finish_reset
         hands it on (to the waiting client) if it answers, else closes it."""
         st = server.state
@@ -681,11 +650,11 @@ class Proxy:
             server.cancels_in_flight -= 1
             if not server.cancels_in_flight and server.checkin_deferred:
                 server.checkin_deferred = False
-                self.checkin(server)
+                checkin(self, server)
 
     # -- servers -----------------------------------------------------------------------------
 
-    def _replenish(self, pool: ServerPool) -> None:
+    def replenish(self, pool: ServerPool) -> None:
         need = pool.launches_needed()
         if need and not self.draining:
             self._launch(pool, need)
@@ -696,7 +665,7 @@ class Proxy:
             self._spawn(self._open_server(pool))
 
     async def _open_server(self, pool: ServerPool) -> None:
-        target = self._targets[pool.key]
+        target = self.targets[pool.key]
         login = ServerLogin(
             database=target.dbname, credentials=self._credentials(pool.key.user), params={}
         )
@@ -739,7 +708,7 @@ class Proxy:
         waiter = pool.add_connected(conn, self.now())
         if waiter is not None:
             waiter.link(conn)
-        self._replenish(pool)  # min_pool_size, now that the pool is known to work
+        self.replenish(pool)  # min_pool_size, now that the pool is known to work
 
     def _credentials(self, user: str) -> ServerCredentials:
         upstream = self.settings.server
@@ -765,36 +734,6 @@ class Proxy:
         waiting.extend(c for c, _ in self._welcome_waiters.pop(pool.key, []))
         for client in waiting:
             client.fail(exc, reason=DisconnectReason.CONNECT_FAILED)
-
-    def checkin(self, server: ServerConnection) -> None:
-        """A server its client is done with: clean → next waiter or idle; otherwise close."""
-        st = server.state
-        pool = server.pool
-        assert st is not None
-        if server.closed:
-            return
-        if server.cancels_in_flight:
-            server.checkin_deferred = True  # _cancel checks it in when the cancel is done
-            return
-        now = self.now()
-        if self.draining:
-            self.close_server(server, DisconnectReason.SHUTDOWN)
-            return
-        if not st.is_clean(pool.welcome or {}):
-            self.close_server(server, DisconnectReason.DIRTY)
-            return
-        lifetime = self.settings.server_lifetime
-        if lifetime > 0 and now - st.created_at >= lifetime:
-            self.close_server(server, DisconnectReason.LIFETIME)
-            return
-        if server.target != self._targets.get(pool.key) or pool.total > pool.size:
-            # Moved upstream, or the pool was made smaller by a RELOAD.
-            self.close_server(server, DisconnectReason.CONFIG_CHANGED)
-            return
-        st.last_used_at = now
-        client = pool.checkin(server, now)
-        if client is not None:
-            client.link(server)
 
     def _release_orphan(self, server: ServerConnection, *, client_at_boundary: bool) -> None:
         """The client of `server` left. Roll back and reset it, or close it."""
@@ -827,7 +766,7 @@ class Proxy:
             queries.append(reset)
             server.resets_session = True
         if not queries:
-            self.checkin(server)
+            checkin(self, server)
             return
         server.pool.start_reset(server)
         server.reset_started_at = self.now()
@@ -851,7 +790,7 @@ class Proxy:
                 st.applied.clear()
             if "DISCARD ALL" in reset or "DEALLOCATE ALL" in reset:
                 st.statements.clear()
-        self.checkin(server)
+        checkin(self, server)
 
     def close_server(self, server: ServerConnection, reason: DisconnectReason) -> None:
         if server.closed:
@@ -873,7 +812,7 @@ class Proxy:
                     reason=DisconnectReason.SERVER_CLOSE,
                     mid_message=mid_message,
                 )
-        self._replenish(pool)
+        self.replenish(pool)
 
     def server_lost(self, server: ServerConnection) -> None:
         if server in self._closing:
@@ -907,7 +846,7 @@ class Proxy:
                     reason=DisconnectReason.SERVER_CLOSE,
                     mid_message=mid_message,
                 )
-        self._replenish(pool)
+        self.replenish(pool)
 
     # -- admin commands ----------------------------------------------------------------------
 
@@ -941,7 +880,7 @@ class Proxy:
                 waiter = pool.checkin(server, now)
                 if waiter is not None:
                     waiter.link(server)
-            self._replenish(pool)
+            self.replenish(pool)
 
     def paused_and_quiet(self, database: str | None = None) -> bool:
         """Paused, and no server of those pools is in use any more (PAUSE is complete)."""
@@ -1034,12 +973,12 @@ class Proxy:
             for server, _since in list(pool.idle_servers())[: max(excess, 0)]:
                 self.close_server(server, DisconnectReason.CONFIG_CHANGED)
             target = self._resolve(key.database)
-            if target is not None and target != self._targets.get(key):
+            if target is not None and target != self.targets.get(key):
                 # Servers of the old target go: the idle ones now, the others at checkin.
-                self._targets[key] = target
+                self.targets[key] = target
                 for server, _since in pool.idle_servers():
                     self.close_server(server, DisconnectReason.CONFIG_CHANGED)
-            self._replenish(pool)
+            self.replenish(pool)
         for line in lines:
             log.info("reload: %s", line)
         return lines
@@ -1104,7 +1043,7 @@ class Proxy:
                 if started is not None and now - started > RESET_TIMEOUT:
                     self.close_server(server, DisconnectReason.RESET_FAILED)
             if pool.welcome is not None:
-                self._replenish(pool)
+                self.replenish(pool)
 
     def policy(self, pool: ServerPool) -> PoolPolicy:
         policy = self.policies.get(pool.key)

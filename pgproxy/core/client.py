@@ -6,6 +6,7 @@ go to the server once one is linked. No I/O, no clock (times are arguments).
 
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Final
 
 from pgproxy.core.prepared import ClientStatements, Rewriter
 from pgproxy.core.server import FRONTEND_VALID, FRONTEND_WATCHED, ClientView
@@ -13,14 +14,17 @@ from pgproxy.errors import ProtocolError
 from pgproxy.wire.codes import FrontendCode
 from pgproxy.wire.scanner import MessageScanner
 
-_PARSE = FrontendCode.PARSE
-_QUERY = FrontendCode.QUERY
-_BIND = FrontendCode.BIND
+# Final: compiled, C constants instead of a module lookup and an enum compare per use.
+_PARSE: Final[int] = FrontendCode.PARSE
+_QUERY: Final[int] = FrontendCode.QUERY
+_BIND: Final[int] = FrontendCode.BIND
+_DESCRIBE: Final[int] = FrontendCode.DESCRIBE
+_TERMINATE: Final[int] = FrontendCode.TERMINATE
 
 # Unnamed Parse bodies up to this size are kept for replay (the scanner keeps 1 MiB).
-REPLAY_LIMIT = 1 << 20
+REPLAY_LIMIT: Final = 1 << 20
 # Bytes of the last statement kept for reports (they show much less).
-STATEMENT_KEEP = 1024
+STATEMENT_KEEP: Final = 1024
 
 
 def uses_unnamed_statement_first(msgs: list[tuple[int, bytes, int]]) -> bool:
@@ -31,11 +35,11 @@ def uses_unnamed_statement_first(msgs: list[tuple[int, bytes, int]]) -> bool:
                 return False
         elif code == _QUERY:
             return False
-        elif code == FrontendCode.BIND:
+        elif code == _BIND:
             portal_end = body.find(b"\x00")
             if body[portal_end + 1 : portal_end + 2] == b"\x00":
                 return True
-        elif code == FrontendCode.DESCRIBE and body[:2] == b"S\x00":
+        elif code == _DESCRIBE and body[:2] == b"S\x00":
             return True
     return False
 
@@ -107,7 +111,7 @@ class ClientState:
                     if body[name_at : name_at + 1] not in (b"\x00", b""):
                         # A named statement (for the unnamed one, its Parse says more).
                         self._note_statement(code, body)
-                elif code == FrontendCode.TERMINATE:
+                elif code == _TERMINATE:
                     if body:
                         raise ProtocolError("invalid Terminate message: it has a body")
                     self.terminated = True

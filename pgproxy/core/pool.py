@@ -6,7 +6,7 @@ closes connections; times are arguments.
 """
 
 from collections.abc import Hashable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from pgproxy.core.prepared import StatementCounts
@@ -25,30 +25,36 @@ class PoolKey:
         return f"{self.database}/{self.user}"
 
 
-@dataclass(slots=True)
 class Pool(Generic[S, C]):
-    key: PoolKey
-    size: int
-    min_size: int = 0
-    # Servers in the pool and when each became idle (insertion order = LIFO via popitem).
-    idle: dict[S, float] = field(default_factory=dict)
-    active: set[S] = field(default_factory=set)
-    # Servers being reset after their client left (rollback, reset query); not available.
-    resetting: set[S] = field(default_factory=set)
-    connecting: int = 0
-    # When the server the last checkout took had become idle (server_check_delay).
-    taken_idle_since: float = 0.0
-    # Clients waiting for a server, oldest first, with when they started waiting.
-    waiters: dict[C, float] = field(default_factory=dict)
-    # ParameterStatus values of a fresh server connection (the "welcome"), once known.
-    welcome: dict[str, str] | None = None
-    # Server-side names of statements some server of this pool prepared successfully, most
-    # recent last (bounded): a client's Parse of one can be answered without a server.
-    known_statements: dict[bytes, None] = field(default_factory=dict)
-    statement_counts: StatementCounts = field(default_factory=StatementCounts)
-    stats: PoolStats = field(default_factory=PoolStats)
-    # PAUSE: no server is handed out (clients queue) until RESUME.
-    paused: bool = False
+    # A plain class, not a dataclass: mypyc compiles this one (pgproxy/hotpath.py), and a
+    # compiled generic dataclass fails at import.
+    def __init__(self, key: PoolKey, size: int, min_size: int = 0) -> None:
+        self.key = key
+        self.size = size
+        self.min_size = min_size
+        # Servers in the pool and when each became idle (insertion order = LIFO via popitem).
+        self.idle: dict[S, float] = {}
+        self.active: set[S] = set()
+        # Servers being reset after their client left (rollback, reset query); not available.
+        self.resetting: set[S] = set()
+        self.connecting = 0
+        # When the server the last checkout took had become idle (server_check_delay).
+        self.taken_idle_since = 0.0
+        # Clients waiting for a server, oldest first, with when they started waiting.
+        self.waiters: dict[C, float] = {}
+        # ParameterStatus values of a fresh server connection (the "welcome"), once known.
+        self.welcome: dict[str, str] | None = None
+        # Server-side names of statements some server of this pool prepared successfully, most
+        # recent last (bounded): a client's Parse of one can be answered without a server.
+        self.known_statements: dict[bytes, None] = {}
+        self.statement_counts = StatementCounts()
+        self.stats = PoolStats()
+        # PAUSE: no server is handed out (clients queue) until RESUME.
+        self.paused = False
+
+    def __repr__(self) -> str:
+        idle, active = len(self.idle), len(self.active)
+        return f"Pool({self.key}, size={self.size}, idle={idle}, active={active})"
 
     def note_prepared(self, names: list[bytes], limit: int = 10_000) -> None:
         known = self.known_statements

@@ -17,19 +17,24 @@ import struct
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from enum import IntEnum
+from typing import Final
 
 from pgproxy.errors import ProtocolError
 from pgproxy.wire.codes import BackendCode, FrontendCode
 from pgproxy.wire.scanner import Frame
 
-_unpack_length = struct.Struct("!i").unpack_from
-_ERROR = BackendCode.ERROR_RESPONSE
-_SYNC = FrontendCode.SYNC
+# Final: compiled, C statics or constants instead of a module lookup per use.
+_unpack_length: Final = struct.Struct("!i").unpack_from
+_ERROR: Final[int] = BackendCode.ERROR_RESPONSE
+_SYNC: Final[int] = FrontendCode.SYNC
+_F_PARSE: Final[int] = FrontendCode.PARSE
+_F_CLOSE: Final[int] = FrontendCode.CLOSE
+_F_FUNCTION_CALL: Final[int] = FrontendCode.FUNCTION_CALL
 
 # Same as PgBouncer's max_prepared_statements default... of the issue: 200 per server.
-DEFAULT_MAX_PREPARED_STATEMENTS = 200
+DEFAULT_MAX_PREPARED_STATEMENTS: Final = 200
 
-_PREFIX = b"pgproxy_"
+_PREFIX: Final = b"pgproxy_"
 
 
 def statement_name(definition: bytes) -> bytes:
@@ -181,7 +186,7 @@ class Expected:
 
 # Backend messages that end the answer to each kind of frontend message (an ErrorResponse
 # ends any of the extended ones too).
-_ENDS: dict[int, frozenset[int]] = {
+_ENDS: Final[dict[int, frozenset[int]]] = {
     FrontendCode.PARSE: frozenset({BackendCode.PARSE_COMPLETE}),
     FrontendCode.BIND: frozenset({BackendCode.BIND_COMPLETE}),
     FrontendCode.DESCRIBE: frozenset({BackendCode.ROW_DESCRIPTION, BackendCode.NO_DATA}),
@@ -197,17 +202,17 @@ _ENDS: dict[int, frozenset[int]] = {
     FrontendCode.QUERY: frozenset({BackendCode.READY_FOR_QUERY}),
     FrontendCode.FUNCTION_CALL: frozenset({BackendCode.READY_FOR_QUERY}),
 }
-_EXTENDED = frozenset(
+_EXTENDED: Final = frozenset(
     {
-        FrontendCode.PARSE,
+        _F_PARSE,
         FrontendCode.BIND,
         FrontendCode.DESCRIBE,
         FrontendCode.EXECUTE,
-        FrontendCode.CLOSE,
+        _F_CLOSE,
     }
 )
 
-_SHARED = {
+_SHARED: Final = {
     (code, action): Expected(code, action)
     for code in _ENDS
     for action in (Action.FORWARD, Action.SWALLOW)
@@ -219,7 +224,7 @@ def plain_entry(code: int, action: Action = Action.FORWARD) -> Expected:
     return _SHARED[code, action]
 
 
-_NOTHING: frozenset[int] = frozenset()
+_NOTHING: Final[frozenset[int]] = frozenset()
 
 # Backend messages whose arrival the tracker must see (everything else rides along).
 TRACKED_BACKEND = frozenset(
@@ -342,13 +347,13 @@ class ResponseTracker:
             if head is None:
                 continue
             if code == _ERROR and head.code in _EXTENDED:
-                if head.code == FrontendCode.CLOSE and head.action is Action.SWALLOW:
+                if head.code == _F_CLOSE and head.action is Action.SWALLOW:
                     events.not_closed.append(head.statement)
                     self._pop()  # the proxy's own Close failed; nothing of the client's
                 self._fail(events)
             elif code in _ENDS.get(head.code, _NOTHING):
                 self._pop()
-                if head.code == FrontendCode.PARSE:
+                if head.code == _F_PARSE:
                     events.prepared.append(head.statement)
             if queue and queue[0].action is Action.FAKE:
                 if run >= 0:
@@ -371,25 +376,28 @@ class ResponseTracker:
     def _fail(self, events: TrackerEvents) -> None:
         """An extended message failed: the server skips everything up to the next Sync."""
         queue = self._queue
-        while queue and queue[0].code != FrontendCode.SYNC:
+        while queue and queue[0].code != _SYNC:
             skipped = self._pop()
-            if skipped.code == FrontendCode.PARSE:
+            if skipped.code == _F_PARSE:
                 if skipped.action is Action.FAKE:
                     events.unanswered.append(skipped.client_name)
                 else:
                     events.failed.append((skipped.statement, skipped.client_name))
-            elif skipped.code == FrontendCode.CLOSE and skipped.action is Action.SWALLOW:
+            elif skipped.code == _F_CLOSE and skipped.action is Action.SWALLOW:
                 events.not_closed.append(skipped.statement)
 
 
-_HEADER = struct.Struct("!Bi")  # a message's type byte and length
+_HEADER: Final = struct.Struct("!Bi")  # a message's type byte and length
 
 
 # How the rewriter handles each frontend message: pass it on without looking at it (CopyData),
 # pass it on and report it without its body (ServerState reads no more of it), report it with
 # its body (Query), or look at the statement name it carries (Parse, Bind, Describe, Close).
-_SKIP, _NOTE, _QUERY, _MAP = 0, 1, 2, 3
-_KIND = bytearray(256)
+_SKIP: Final = 0
+_NOTE: Final = 1
+_QUERY: Final = 2
+_MAP: Final = 3
+_KIND: Final = bytearray(256)
 for _code in (
     FrontendCode.EXECUTE,
     FrontendCode.SYNC,
@@ -403,12 +411,12 @@ for _code in (
 _KIND[FrontendCode.QUERY] = _QUERY
 for _code in (FrontendCode.PARSE, FrontendCode.BIND, FrontendCode.DESCRIBE, FrontendCode.CLOSE):
     _KIND[_code] = _MAP
-_BARE: dict[int, Frame] = {code: (code, b"", 0) for code in range(256)}
-_BIND = FrontendCode.BIND
-_BIND_ENTRY = plain_entry(_BIND)
-_EXECUTE = FrontendCode.EXECUTE
-_SYNC_ENTRY = plain_entry(_SYNC)
-_EXECUTE_ENTRY = plain_entry(_EXECUTE)
+_BARE: Final[dict[int, Frame]] = {code: (code, b"", 0) for code in range(256)}
+_BIND: Final[int] = FrontendCode.BIND
+_BIND_ENTRY: Final = plain_entry(_BIND)
+_EXECUTE: Final[int] = FrontendCode.EXECUTE
+_SYNC_ENTRY: Final = plain_entry(_SYNC)
+_EXECUTE_ENTRY: Final = plain_entry(_EXECUTE)
 
 
 class Rewriter:
@@ -476,7 +484,7 @@ class Rewriter:
                     tracker.expect(_SYNC_ENTRY)
                 elif code == _EXECUTE:
                     held.append(_EXECUTE_ENTRY)
-                elif code == FrontendCode.FUNCTION_CALL:
+                elif code == _F_FUNCTION_CALL:
                     tracker.expect_after(held, _SHARED[code, Action.FORWARD])
             elif kind == _QUERY:
                 sent.append((code, buf[pos + 5 : end], 0))
@@ -536,11 +544,9 @@ class Rewriter:
         self._server.add(server_name)
         self._counts.reprepares += 1
         body = server_name + b"\x00" + definition
-        self._tracker.expect_after(
-            held, Expected(FrontendCode.PARSE, Action.SWALLOW, statement=server_name)
-        )
-        sent.append((FrontendCode.PARSE, body, 0))
-        return _HEADER.pack(FrontendCode.PARSE, len(body) + 4) + body
+        self._tracker.expect_after(held, Expected(_F_PARSE, Action.SWALLOW, statement=server_name))
+        sent.append((_F_PARSE, body, 0))
+        return _HEADER.pack(_F_PARSE, len(body) + 4) + body
 
     def _map(
         self, code: int, buf: bytes, pos: int, end: int, sent: list[Frame], held: list[Expected]
@@ -548,7 +554,7 @@ class Rewriter:
         """A Parse, Describe or Close; its replacement (b"": dropped; None: goes as it is)."""
         start = pos + 5
         tracker = self._tracker
-        if code == FrontendCode.PARSE:
+        if code == _F_PARSE:
             body = buf[start:end]
             if body[:1] == b"\x00" or b"\x00" not in body:
                 # The unnamed statement, or a malformed Parse the server will refuse.
@@ -572,7 +578,7 @@ class Rewriter:
             )
             sent.append((code, new_body, 0))
             return _HEADER.pack(code, len(new_body) + 4) + new_body
-        if code == FrontendCode.CLOSE:
+        if code == _F_CLOSE:
             name_end = buf.find(0, start + 1, end)
             if buf[start:end][:1] != b"S" or name_end <= start + 1:
                 # A portal, the unnamed statement, or malformed: the server's business.

@@ -16,7 +16,7 @@ it stays with its client and is closed afterwards, never reused.
 from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Final
 
 from pgproxy.core.params import TRACKED_STARTUP_PARAMS
 from pgproxy.core.prepared import (
@@ -36,24 +36,32 @@ from pgproxy.wire import messages
 from pgproxy.wire.codes import BackendCode, FrontendCode, TransactionStatus
 from pgproxy.wire.scanner import Frame, MessageScanner
 
-_Q = FrontendCode.QUERY
-_S = FrontendCode.SYNC
-_F = FrontendCode.FUNCTION_CALL
-_E = FrontendCode.EXECUTE
-_H = FrontendCode.FLUSH
-_P = FrontendCode.PARSE
-_X = FrontendCode.TERMINATE
-_COPY_DONE = FrontendCode.COPY_DONE
-_COPY_FAIL = FrontendCode.COPY_FAIL
+# Final ints: compiled, each is a C constant instead of a module lookup and an enum compare.
+_Q: Final[int] = FrontendCode.QUERY
+_S: Final[int] = FrontendCode.SYNC
+_F: Final[int] = FrontendCode.FUNCTION_CALL
+_E: Final[int] = FrontendCode.EXECUTE
+_H: Final[int] = FrontendCode.FLUSH
+_P: Final[int] = FrontendCode.PARSE
+_B: Final[int] = FrontendCode.BIND
+_X: Final[int] = FrontendCode.TERMINATE
+_COPY_DONE: Final[int] = FrontendCode.COPY_DONE
+_COPY_FAIL: Final[int] = FrontendCode.COPY_FAIL
+_READY_FOR_QUERY: Final[int] = BackendCode.READY_FOR_QUERY
+_PARAMETER_STATUS: Final[int] = BackendCode.PARAMETER_STATUS
+_ERROR_RESPONSE: Final[int] = BackendCode.ERROR_RESPONSE
+_COPY_IN_RESPONSE: Final[int] = BackendCode.COPY_IN_RESPONSE
+_COPY_BOTH_RESPONSE: Final[int] = BackendCode.COPY_BOTH_RESPONSE
+_IDLE: Final[int] = TransactionStatus.IDLE
 
 # Queue entries: the frontend code, with the "segment" state of a Sync in the bits above.
 # A segment is what the client sent since the previous entry; for COPY we need to know whether
 # it holds exactly one Execute with nothing but Flush after it.
-_SEG_EMPTY = 0  # nothing, or only Flush
-_SEG_PRE = 1  # messages, but no Execute yet
-_SEG_ONE_EXECUTE = 2  # exactly one Execute, then at most Flush
-_SEG_DIRTY = 3  # anything else
-_PROXY = 0  # a query the proxy sent itself; its answers never reach the client
+_SEG_EMPTY: Final = 0  # nothing, or only Flush
+_SEG_PRE: Final = 1  # messages, but no Execute yet
+_SEG_ONE_EXECUTE: Final = 2  # exactly one Execute, then at most Flush
+_SEG_DIRTY: Final = 3  # anything else
+_PROXY: Final = 0  # a query the proxy sent itself; its answers never reach the client
 
 FRONTEND_WATCHED = frozenset(
     {
@@ -86,7 +94,7 @@ BACKEND_WATCHED = frozenset(
 )
 
 
-HOLD_CURSOR_PIN = "WITH HOLD cursor"
+HOLD_CURSOR_PIN: Final = "WITH HOLD cursor"
 
 
 class DisconnectReason(Enum):
@@ -208,7 +216,7 @@ class ServerState:
         return (
             not self.queue
             and not self.copy_in
-            and self.transaction_status == TransactionStatus.IDLE
+            and self.transaction_status == _IDLE
             and self.segment == _SEG_EMPTY
             and self.scanner.at_boundary
         )
@@ -259,7 +267,7 @@ class ServerState:
                     effect = inspect(body)
                     if effect is not None:
                         queue = self.queue
-                        quiet = self.transaction_status == TransactionStatus.IDLE and all(
+                        quiet = self.transaction_status == _IDLE and all(
                             queue[i] == _PROXY for i in range(len(queue) - 1)
                         )
                         self._apply(effect, len(queue), quiet=quiet)
@@ -286,7 +294,7 @@ class ServerState:
                             len(self.queue) + 1,
                             # The first Execute since the last Sync, nothing else pending.
                             quiet=self.segment == _SEG_ONE_EXECUTE
-                            and self.transaction_status == TransactionStatus.IDLE
+                            and self.transaction_status == _IDLE
                             and all(entry == _PROXY for entry in self.queue),
                         )
             elif code in (_H, _X):
@@ -327,7 +335,7 @@ class ServerState:
                             or effect.pin
                         ):
                             self.statement_effects[body[:name_end]] = effect
-                elif code == FrontendCode.BIND:
+                elif code == _B:
                     portal_end = body.find(b"\x00")
                     self.bound_statement = body[portal_end + 1 : body.find(b"\x00", portal_end + 1)]
                 if self.segment == _SEG_ONE_EXECUTE:
@@ -475,7 +483,7 @@ class ServerState:
         ):
             return
         self.query_started_at = now
-        if self.transaction_status == TransactionStatus.IDLE:
+        if self.transaction_status == _IDLE:
             self.transaction_started_at = now
 
     def feed(self, data: bytes, frames: list[Frame] | None = None, now: float = 0.0) -> int:
@@ -491,8 +499,8 @@ class ServerState:
         if frames is None:
             frames = self.scanner.feed(data)
         for code, body, end in frames:
-            if code == BackendCode.READY_FOR_QUERY:
-                self.transaction_status = body[0] if body else TransactionStatus.IDLE
+            if code == _READY_FOR_QUERY:
+                self.transaction_status = body[0] if body else _IDLE
                 if not self.queue:
                     self.unpredictable = True
                     continue
@@ -502,7 +510,7 @@ class ServerState:
                     stats.queries += 1
                     stats.query_time.observe(now - self.query_started_at)
                     self.query_started_at = now  # the next one queued runs from here
-                    if self.transaction_status == TransactionStatus.IDLE:
+                    if self.transaction_status == _IDLE:
                         stats.transactions += 1
                         stats.transaction_time.observe(now - self.transaction_started_at)
                         self.transaction_started_at = now
@@ -522,7 +530,7 @@ class ServerState:
                     self.swallowing = True
                 if not self.queue:
                     self.drained = True
-            elif code == BackendCode.PARAMETER_STATUS:
+            elif code == _PARAMETER_STATUS:
                 name, value = messages.parse_parameter_status(body)
                 self.params[name] = value
                 key = _tracked_key(name)
@@ -541,7 +549,7 @@ class ServerState:
                     elif not self.swallowing:
                         client.wanted[key] = value
                         self.applied[key] = value
-            elif code == BackendCode.ERROR_RESPONSE:
+            elif code == _ERROR_RESPONSE:
                 fields = messages.parse_fields(body)
                 if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
                     self.fatal = True
@@ -552,9 +560,9 @@ class ServerState:
                 self.copy_in = False
                 # A SET of the statement group that failed (or was skipped) changed nothing.
                 self.pending_sets = [e for e in self.pending_sets if e[0] > 1]
-            elif code == BackendCode.COPY_IN_RESPONSE:
+            elif code == _COPY_IN_RESPONSE:
                 self._enter_copy_in()
-            elif code == BackendCode.COPY_BOTH_RESPONSE:  # replication only, never expected
+            elif code == _COPY_BOTH_RESPONSE:  # replication only, never expected
                 self.unpredictable = True
             # Anything else was marked for the tracker only.
         return start

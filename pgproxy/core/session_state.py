@@ -192,9 +192,11 @@ def _set_config_pins(sql: bytes) -> str | None:
 
 def inspect(sql: bytes) -> SessionEffect | None:
     """What the SQL text of a Query or Parse does to the session; None for nothing."""
-    if b"advisory_lock" in sql:
+    # find(), not `in`: for bytes, `in` first tries the operand as an int and formats a
+    # TypeError it then drops, on every statement.
+    if sql.find(b"advisory_lock") >= 0:
         return SessionEffect(pin="session advisory lock")
-    if b"set_config" in sql:
+    if sql.find(b"set_config") >= 0:
         reason = _set_config_pins(sql)
         if reason is not None:
             return SessionEffect(pin=reason)

@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from time import monotonic
-from typing import TYPE_CHECKING, cast
+import time
+from typing import TYPE_CHECKING, Final, cast
 
 from pgproxy.core.client import ClientPhase, ClientState, uses_unnamed_statement_first
 from pgproxy.core.login import (
@@ -36,6 +36,7 @@ from pgproxy.core.prepared import (
 from pgproxy.core.server import HOLD_CURSOR_PIN, DisconnectReason, ServerState
 from pgproxy.errors import PgProxyError, ServerError, Severity, TooManyClientsError
 from pgproxy.net.flow import GateReason, ReadGate
+from pgproxy.net.handoff import checkin, idle_server_for, request_server
 from pgproxy.net.tcp import set_keepalive
 from pgproxy.net.tls import peer_common_name
 from pgproxy.wire import messages
@@ -49,17 +50,21 @@ if TYPE_CHECKING:
     from pgproxy.proxy import Proxy
 
 log = logging.getLogger("pgproxy.client")
+# A C static when compiled: no module dict lookup per call on the data path.
+monotonic: Final = time.monotonic
 
 # Seconds a closed client gets to read what is still buffered for it (its last error, the
 # rest of a result) before the connection is cut.
-CLOSE_FLUSH_TIMEOUT = 2.0
+CLOSE_FLUSH_TIMEOUT: Final = 2.0
 # Seconds a client refused over the limit gets to send its startup packet (to read why).
-OVER_LIMIT_WAIT = 1.0
+OVER_LIMIT_WAIT: Final = 1.0
 
-_PARSE = FrontendCode.PARSE
-_CLOSE = FrontendCode.CLOSE
-_SYNC = FrontendCode.SYNC
-_FLUSH = FrontendCode.FLUSH
+# Final: compiled, C constants instead of a module lookup and an enum compare per use.
+_PARSE: Final[int] = FrontendCode.PARSE
+_CLOSE: Final[int] = FrontendCode.CLOSE
+_SYNC: Final[int] = FrontendCode.SYNC
+_FLUSH: Final[int] = FrontendCode.FLUSH
+_IDLE: Final[int] = TransactionStatus.IDLE
 
 
 class ClientConnection(asyncio.Protocol):
@@ -374,22 +379,22 @@ class ClientConnection(asyncio.Protocol):
             ):
                 if start_mapping and self._may_map(sst):
                     self._start_mapping(sst)
-                if sst.needs_prelude and out and sst.transaction_status == TransactionStatus.IDLE:
+                if sst.needs_prelude and out and sst.transaction_status == _IDLE:
                     # A RESET left the server with its defaults; the client expects its own.
                     prefix = self._prepare(sst, msgs)
             self._forward(server, sst, prefix, out, msgs)
         elif st.pending or not out:
-            if st.hold(out, msgs, monotonic()) and not self.proxy.request_server(self):
+            if st.hold(out, msgs, monotonic()) and not request_server(self.proxy, self):
                 assert self.gate is not None
                 if not self.closed:
                     self.gate.add(GateReason.WAITING_FOR_SERVER)
         elif self._answer_without_server(out, msgs):
             pass
-        elif (server := self.proxy.idle_server_for(self)) is not None:
+        elif (server := idle_server_for(self.proxy, self)) is not None:
             # The common case in transaction mode: a server is free, nothing waits before
             # us; serve the chunk on it at once, without holding it first.
             self.link(server, out, msgs)
-        elif st.hold(out, msgs, monotonic()) and not self.proxy.request_server(self):
+        elif st.hold(out, msgs, monotonic()) and not request_server(self.proxy, self):
             # No server yet: stop reading so that held bytes stay one chunk at most.
             assert self.gate is not None
             if not self.closed:
@@ -652,9 +657,9 @@ class ClientConnection(asyncio.Protocol):
             and not sst.unpredictable
         ):
             self.unlink()
-            self.proxy.checkin(server)
+            checkin(self.proxy, server)
             return
-        if sst.transaction_status != TransactionStatus.IDLE:
+        if sst.transaction_status != _IDLE:
             now = monotonic()
             self.idle_in_transaction_since = now
             self.proxy.idle_in_transaction[self] = now

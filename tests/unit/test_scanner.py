@@ -143,13 +143,6 @@ def test_a_watched_message_with_an_empty_body_completes_with_its_header():
     assert scanner.at_boundary
 
 
-def test_memoryview_and_bytearray_chunks_are_accepted():
-    scanner = MessageScanner([ord("Z")])
-    stream = msg("Z", b"I") * 2
-    assert scanner.feed(memoryview(stream)[:7]) == [(ord("Z"), b"I", 6)]
-    assert scanner.feed(bytearray(stream[7:])) == [(ord("Z"), b"I", 5)]
-
-
 def test_an_empty_chunk_changes_nothing():
     scanner = MessageScanner([ord("Z")])
     assert scanner.feed(b"") == []

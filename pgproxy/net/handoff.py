@@ -1,0 +1,87 @@
+"""Handing a server connection to a client and taking it back: once per transaction.
+
+These are the proxy's decisions (`Proxy` keeps the pools, their targets and the settings).
+They live here so that mypyc compiles them with the connections that call them
+(pgproxy/hotpath.py); `Proxy` calls them too.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Final
+
+from pgproxy.core.server import DisconnectReason
+
+if TYPE_CHECKING:
+    from pgproxy.net.client_connection import ClientConnection
+    from pgproxy.net.server_connection import ServerConnection
+    from pgproxy.proxy import Proxy
+
+# A C static when compiled: no module dict lookup per call.
+monotonic: Final = time.monotonic
+
+
+def idle_server_for(proxy: Proxy, client: ClientConnection) -> ServerConnection | None:
+    """An idle server of the client's pool taken for it now, if one is free and nobody
+    waits before it (else None: the caller holds its bytes and requests one)."""
+    pool = client.pool
+    if pool is None or not pool.idle or pool.waiters or pool.paused or proxy.draining:
+        return None
+    delay = proxy.check_delay
+    if delay is not None and monotonic() - next(reversed(pool.idle.values())) >= delay:
+        return None  # idle too long: request_server checks it first
+    return pool.checkout(client, 0.0)  # an idle server and no waiter: never queues
+
+
+def request_server(proxy: Proxy, client: ClientConnection) -> bool:
+    """Link `client` to a server now (True), or queue it for one (False)."""
+    pool = client.pool
+    assert pool is not None
+    if proxy.draining:
+        client.fail(proxy.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
+        return False
+    now = monotonic()
+    server = pool.checkout(client, now)
+    if server is not None:
+        delay = proxy.check_delay
+        if delay is None or now - pool.taken_idle_since < delay:
+            client.link(server)
+            return True
+        # server_check_query first; the client waits, first in line (nobody waited).
+        pool.waiters[client] = now
+        proxy.check_server(server, now)
+        return False
+    if pool.launches_needed():
+        proxy.replenish(pool)
+    return False
+
+
+def checkin(proxy: Proxy, server: ServerConnection) -> None:
+    """A server its client is done with: clean → next waiter or idle; otherwise close."""
+    st = server.state
+    pool = server.pool
+    assert st is not None
+    if server.closed:
+        return
+    if server.cancels_in_flight:
+        server.checkin_deferred = True  # Proxy._cancel checks it in when the cancel is done
+        return
+    now = monotonic()
+    if proxy.draining:
+        proxy.close_server(server, DisconnectReason.SHUTDOWN)
+        return
+    if not st.is_clean(pool.welcome or {}):
+        proxy.close_server(server, DisconnectReason.DIRTY)
+        return
+    lifetime = proxy.settings.server_lifetime
+    if lifetime > 0 and now - st.created_at >= lifetime:
+        proxy.close_server(server, DisconnectReason.LIFETIME)
+        return
+    if server.target != proxy.targets.get(pool.key) or pool.total > pool.size:
+        # Moved upstream, or the pool was made smaller by a RELOAD.
+        proxy.close_server(server, DisconnectReason.CONFIG_CHANGED)
+        return
+    st.last_used_at = now
+    client = pool.checkin(server, now)
+    if client is not None:
+        client.link(server)
