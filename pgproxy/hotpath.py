@@ -21,6 +21,7 @@ MODULES = (
     "pgproxy.core.pool",
     "pgproxy.core.server",
     "pgproxy.core.prepared",
+    "pgproxy.core.params",
     "pgproxy.core.session_state",
     "pgproxy.core.stats",
 )

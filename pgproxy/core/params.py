@@ -7,12 +7,13 @@ Before a client's first message runs on a server, the difference is applied with
 """
 
 from collections.abc import Mapping
+from typing import Final
 
 from pgproxy.errors import FeatureNotSupportedError
 
 # Startup parameters that Postgres itself would apply to the session and a pooler must replay.
 # The first six are reported back with ParameterStatus (GUC_REPORT); search_path is not, in 15.
-TRACKED_STARTUP_PARAMS = frozenset(
+TRACKED_STARTUP_PARAMS: Final = frozenset(
     {
         "client_encoding",
         "datestyle",
@@ -25,14 +26,14 @@ TRACKED_STARTUP_PARAMS = frozenset(
 )
 
 # Canonical spelling, as the server reports it in ParameterStatus.
-_CANONICAL = {
+_CANONICAL: Final = {
     "datestyle": "DateStyle",
     "timezone": "TimeZone",
     "intervalstyle": "IntervalStyle",
 }
 
 # Startup keys that are not settings at all.
-_NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
+_NOT_SETTINGS: Final = frozenset({"user", "database", "replication", "options"})
 
 
 def canonical_name(name: str) -> str:

@@ -24,6 +24,10 @@ class PoolKey:
     def __str__(self) -> str:
         return f"{self.database}/{self.user}"
 
+    def __hash__(self) -> int:
+        # Written out so that it is compiled: the dataclass's own runs interpreted.
+        return hash((self.database, self.user))
+
 
 class Pool(Generic[S, C]):
     # A plain class, not a dataclass: mypyc compiles this one (pgproxy/hotpath.py), and a

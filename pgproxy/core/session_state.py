@@ -12,15 +12,16 @@ a direct connection is the client's startup value; the proxy re-applies those va
 
 import re
 from dataclasses import dataclass
+from typing import Final
 
 from pgproxy.core.params import TRACKED_STARTUP_PARAMS, canonical_name, is_valid_setting_name
 
 # Settings the server reports with ParameterStatus: a SET of them follows the client.
-_REPORTED = frozenset(p for p in TRACKED_STARTUP_PARAMS if p != "search_path")
+_REPORTED: Final = frozenset(p for p in TRACKED_STARTUP_PARAMS if p != "search_path")
 # SET forms that name a setting with other words (SQL standard syntax).
-_ALIASES = {b"time": "timezone", b"names": "client_encoding"}
+_ALIASES: Final = {b"time": "timezone", b"names": "client_encoding"}
 
-_STARTS = frozenset(
+_STARTS: Final = frozenset(
     {
         b"SET",
         b"RESET",
@@ -34,7 +35,7 @@ _STARTS = frozenset(
         b"CLOSE",
     }
 )
-_FIRST_LETTERS = frozenset(b"SsRrPpLlDdCc")
+_FIRST_LETTERS: Final = frozenset(b"SsRrPpLlDdCc")
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +53,9 @@ class SessionEffect:
     sets: tuple[tuple[str, str], ...] = ()
 
 
-_RESET_ALL = SessionEffect(reset_all=True)
-_DISCARD_ALL = SessionEffect(reset_all=True, deallocate_all=True, close_all_cursors=True)
-_DEALLOCATE_ALL = SessionEffect(deallocate_all=True)
+_RESET_ALL: Final = SessionEffect(reset_all=True)
+_DISCARD_ALL: Final = SessionEffect(reset_all=True, deallocate_all=True, close_all_cursors=True)
+_DEALLOCATE_ALL: Final = SessionEffect(deallocate_all=True)
 
 
 def _strip(sql: bytes) -> bytes:
@@ -75,13 +76,13 @@ def _strip(sql: bytes) -> bytes:
             return sql
 
 
-_SET_VALUE = re.compile(
+_SET_VALUE: Final = re.compile(
     rb"""^\s*SET\s+(?:SESSION\s+)?(?:"[^"]+"|[\w.]+)\s*(?:=|\s[Tt][Oo]\s)\s*(.*?)[\s;\x00]*$""",
     re.IGNORECASE | re.DOTALL,
 )
-_LITERAL = re.compile(rb"^'((?:[^']|'')*)'$", re.DOTALL)
-_BARE_LIST = re.compile(rb'^[\w.$"-]+(?:\s*,\s*[\w.$"-]+)*$')
-_NOT_FOLLOWED = frozenset({"role", "session_authorization"})
+_LITERAL: Final = re.compile(rb"^'((?:[^']|'')*)'$", re.DOTALL)
+_BARE_LIST: Final = re.compile(rb'^[\w.$"-]+(?:\s*,\s*[\w.$"-]+)*$')
+_NOT_FOLLOWED: Final = frozenset({"role", "session_authorization"})
 
 
 def _set_value(stmt: bytes) -> bytes | None:

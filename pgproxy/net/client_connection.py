@@ -384,21 +384,24 @@ class ClientConnection(asyncio.Protocol):
                     prefix = self._prepare(sst, msgs)
             self._forward(server, sst, prefix, out, msgs)
         elif st.pending or not out:
-            if st.hold(out, msgs, monotonic()) and not request_server(self.proxy, self):
+            if st.hold(out, msgs, monotonic()):
+                request_server(self.proxy, self)
+            if self.server is None and st.pending and not self.closed:
+                # More while it waits (a pipeline, a COPY): stop reading, so that held bytes
+                # stay two chunks at most.
                 assert self.gate is not None
-                if not self.closed:
-                    self.gate.add(GateReason.WAITING_FOR_SERVER)
+                self.gate.add(GateReason.WAITING_FOR_SERVER)
         elif self._answer_without_server(out, msgs):
             pass
         elif (server := idle_server_for(self.proxy, self)) is not None:
             # The common case in transaction mode: a server is free, nothing waits before
             # us; serve the chunk on it at once, without holding it first.
             self.link(server, out, msgs)
-        elif st.hold(out, msgs, monotonic()) and not request_server(self.proxy, self):
-            # No server yet: stop reading so that held bytes stay one chunk at most.
-            assert self.gate is not None
-            if not self.closed:
-                self.gate.add(GateReason.WAITING_FOR_SERVER)
+        elif st.hold(out, msgs, monotonic()):
+            # No server free: the client waits for one, and reading goes on. A client rarely
+            # sends more before its answer, and pausing then resuming would change the epoll
+            # set twice per transaction; a second chunk pauses it (above).
+            request_server(self.proxy, self)
         if st.terminated:
             self.close(DisconnectReason.CLIENT_TERMINATE)
 

@@ -33,27 +33,26 @@ def idle_server_for(proxy: Proxy, client: ClientConnection) -> ServerConnection 
     return pool.checkout(client, 0.0)  # an idle server and no waiter: never queues
 
 
-def request_server(proxy: Proxy, client: ClientConnection) -> bool:
-    """Link `client` to a server now (True), or queue it for one (False)."""
+def request_server(proxy: Proxy, client: ClientConnection) -> None:
+    """Link `client` to a server now, or queue it for one."""
     pool = client.pool
     assert pool is not None
     if proxy.draining:
         client.fail(proxy.shutdown_error(), reason=DisconnectReason.SHUTDOWN)
-        return False
+        return
     now = monotonic()
     server = pool.checkout(client, now)
     if server is not None:
         delay = proxy.check_delay
         if delay is None or now - pool.taken_idle_since < delay:
             client.link(server)
-            return True
+            return
         # server_check_query first; the client waits, first in line (nobody waited).
         pool.waiters[client] = now
         proxy.check_server(server, now)
-        return False
+        return
     if pool.launches_needed():
         proxy.replenish(pool)
-    return False
 
 
 def checkin(proxy: Proxy, server: ServerConnection) -> None:
@@ -77,7 +76,9 @@ def checkin(proxy: Proxy, server: ServerConnection) -> None:
     if lifetime > 0 and now - st.created_at >= lifetime:
         proxy.close_server(server, DisconnectReason.LIFETIME)
         return
-    if server.target != proxy.targets.get(pool.key) or pool.total > pool.size:
+    # `is`: a RELOAD that moves a pool replaces its target object, and a dataclass's == runs
+    # interpreted.
+    if server.target is not proxy.targets.get(pool.key) or pool.total > pool.size:
         # Moved upstream, or the pool was made smaller by a RELOAD.
         proxy.close_server(server, DisconnectReason.CONFIG_CHANGED)
         return

@@ -344,3 +344,37 @@ def test_unreachable_server_gives_08006_could_not_connect(make_proxy) -> None:
     assert fields["C"] == "08006", fields
     assert "could not connect" in fields["M"]
     wait_for(lambda: _client_count(proxy) == 0, what="the proxy to forget the client")
+
+
+def test_a_client_that_floods_while_it_waits_for_a_server_is_held_to_two_chunks(
+    make_proxy,
+) -> None:
+    """A waiting client is read on (most send nothing more), but a second chunk pauses it."""
+    proxy = make_proxy(default_pool_size="1")
+    chunk_limit = 256 * 1024  # uvloop reads at most this much per data_received
+
+    def held() -> tuple[int, bool]:
+        [client] = [c for c in proxy.proxy.clients if c.server is None and c.state is not None]
+        assert client.gate is not None
+        return sum(map(len, client.state.pending)), client.gate.is_open
+
+    with connect(proxy.port) as holder:
+        holder.execute("BEGIN")
+        holder.execute("SELECT 1")  # the pool's only server stays with this client
+        with _logged_in(proxy.port) as flooder:
+            flooder.sock.settimeout(1.0)
+            queries = messages.query("SELECT 1") * 4096  # 68 KiB a send
+            sent = 0
+            try:
+                for _ in range(800):  # 54 MiB: far past what the socket buffers take
+                    flooder.sock.sendall(queries)
+                    sent += len(queries)
+            except TimeoutError:
+                pass  # the proxy stopped reading: the socket buffers filled up
+            else:
+                pytest.fail(f"the proxy read all {sent} bytes of a client waiting for a server")
+            size, reading = proxy.call(held)
+            assert not reading, "the proxy still reads a client that floods while waiting"
+            assert 0 < size <= 2 * chunk_limit, f"{size} bytes held of {sent} sent"
+        holder.rollback()
+    _assert_still_serving(proxy)
