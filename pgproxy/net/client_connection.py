@@ -458,18 +458,20 @@ class ClientConnection(asyncio.Protocol):
         pool = self.pool
         if (
             not data
+            or not msgs  # CopyData only: the rest of a COPY the server already failed
+            or msgs[-1][0] != _SYNC  # the cheap tests first: this runs for most chunks
             or not self.proxy.maps_statements
             or pool is None
             or st is None
             or not st.at_boundary
-            or not msgs  # CopyData only: the rest of a COPY the server already failed
-            or msgs[-1][0] != _SYNC
         ):
             return False
         known = pool.known_statements
         replies = []
         for code, body, _end in msgs:
             if code == _PARSE:
+                if body[:1] == b"\x00":
+                    return False  # the unnamed statement is the server's business
                 name, definition = split_parse(body)
                 if not name or statement_name(definition) not in known:
                     return False
