@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -113,6 +113,8 @@ class Machine:
     started_at: dt.datetime
     load_at_start: str
     versions: dict[str, str]  # tool name → its --version line
+    # Taken when the run starts: by the end, the run's own output files count as changes.
+    revision: str = field(default_factory=lambda: git_revision())
 
 
 def header(machine: Machine, title: str) -> list[str]:
@@ -128,7 +130,7 @@ def header(machine: Machine, title: str) -> list[str]:
     return [
         f"# {title}",
         "",
-        f"Run at {machine.started_at:%Y-%m-%d %H:%M} UTC on git {git_revision()}, took "
+        f"Run at {machine.started_at:%Y-%m-%d %H:%M} UTC on git {machine.revision}, took "
         f"{duration((dt.datetime.now(dt.UTC) - machine.started_at).total_seconds())}.",
         "",
         *table(["machine", ""], rows, "ll"),
