@@ -83,6 +83,13 @@ class Pool(Generic[S, C]):
         self.waiters.setdefault(client, now)
         return None
 
+    def take_idle(self) -> tuple[S, float]:
+        """The most recently used idle server, now active, with when it became idle (even
+        with clients waiting: for the caller to check it or hand it to the first of them)."""
+        server, since = self.idle.popitem()
+        self.active.add(server)
+        return server, since
+
     def launches_needed(self) -> int:
         """How many server connections to open now for waiters and `min_size`."""
         room = self.size - self.total

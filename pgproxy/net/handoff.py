@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Final
 from pgproxy.core.server import DisconnectReason
 
 if TYPE_CHECKING:
+    from pgproxy.core.pool import Pool
     from pgproxy.net.client_connection import ClientConnection
     from pgproxy.net.server_connection import ServerConnection
     from pgproxy.proxy import Proxy
@@ -50,9 +51,29 @@ def request_server(proxy: Proxy, client: ClientConnection) -> None:
         # server_check_query first; the client waits, first in line (nobody waited).
         pool.waiters[client] = now
         proxy.check_server(server, now)
-        return
+    _serve_waiters_from_idle(proxy, pool, now)
     if pool.launches_needed():
         proxy.replenish(pool)
+
+
+def _serve_waiters_from_idle(
+    proxy: Proxy, pool: Pool[ServerConnection, ClientConnection], now: float
+) -> None:
+    """Clients wait while servers are idle: those servers were idle past server_check_delay
+    and wait for their check (the first waiter started one). Check one more for each waiter
+    that no server is on its way to; else a busy pool would serve all its clients on the one
+    server checked first, since each checkin hands it to the next waiter."""
+    delay = proxy.check_delay
+    while (
+        pool.idle and not pool.paused and len(pool.waiters) > len(pool.resetting) + pool.connecting
+    ):
+        server, since = pool.take_idle()
+        if delay is not None and now - since >= delay:
+            proxy.check_server(server, now)  # checkin hands it to the first waiter
+            continue
+        waiter = pool.checkin(server, now)  # fresh: straight to the first waiter
+        if waiter is not None:
+            waiter.link(server)
 
 
 def checkin(proxy: Proxy, server: ServerConnection) -> None:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -88,3 +90,42 @@ def test_an_empty_check_query_turns_checks_off(
         time.sleep(0.1)
         assert _backend(conn) == first
     assert checks() == 0
+
+
+def test_clients_that_queue_behind_a_check_get_every_idle_server_not_only_the_checked_one(
+    make_proxy: Callable[..., ProxyThread], checks: Callable[[], int]
+) -> None:
+    """After an idle spell every server needs its check. The first client's request starts
+    one; the clients queued behind it must get the other servers too (each checked), not wait
+    for the first one in turn: that made a busy pool serve everyone on one server."""
+    size, clients, hold = 4, 8, 0.4
+    proxy = make_proxy(
+        default_pool_size=str(size),
+        server_check_delay=str(DELAY),
+        server_check_query="SELECT nextval('check_runs')",
+    )
+    warm = [connect(proxy.port) for _ in range(size)]
+    for conn in warm:
+        conn.execute("BEGIN")
+        conn.execute("SELECT 1")  # each holds a server: the pool opens all of them
+    for conn in warm:
+        conn.close()
+    time.sleep(DELAY + 0.2)  # the idleness under test, not a synchronisation
+    start = threading.Barrier(clients)
+
+    def one() -> int:
+        with connect(proxy.port) as conn:
+            start.wait()
+            with conn.transaction():
+                pid = _backend(conn)
+                conn.execute("SELECT pg_sleep(%s)", (hold,))
+            return pid
+
+    with ThreadPoolExecutor(clients) as pool:
+        began = time.monotonic()
+        pids = list(pool.map(lambda _: one(), range(clients)))
+        elapsed = time.monotonic() - began
+    assert len(set(pids)) == size, f"{clients} transactions ran on {len(set(pids))} server(s)"
+    assert checks() == size
+    # Two waves of `size`; on one server it would be `clients` transactions in a row.
+    assert elapsed < clients * hold * 0.75, f"{elapsed:.1f} s"
