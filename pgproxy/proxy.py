@@ -178,6 +178,8 @@ class Proxy:
         self.tls_policy = NO_TLS
         self._load_tls(settings)
         self.check_delay = _check_delay(settings)
+        # Read at every checkin: an attribute of its own, kept in step by reload.
+        self.server_lifetime = settings.server_lifetime
         # Users looked up in Postgres (auth_user + auth_query).
         self.auth_cache = AuthCache(lambda: self.settings)
 
@@ -485,7 +487,7 @@ class Proxy:
             pool.paused = self.is_paused(event.database)
             self.pools[key] = pool
             self.policies[key] = policy
-            self.targets[key] = target
+            self.targets[key] = pool.target = target
         state = ClientState(
             id=client.id,
             user=event.user,
@@ -959,6 +961,7 @@ class Proxy:
             return []
         self.settings = new.model_copy(update=kept) if kept else new
         self.check_delay = _check_delay(self.settings)
+        self.server_lifetime = self.settings.server_lifetime
         self.users = {
             u.name: user_auth_from_password(u.name, u.password) for u in self.settings.users
         }
@@ -975,7 +978,7 @@ class Proxy:
             target = self._resolve(key.database)
             if target is not None and target != self.targets.get(key):
                 # Servers of the old target go: the idle ones now, the others at checkin.
-                self.targets[key] = target
+                self.targets[key] = pool.target = target
                 for server, _since in pool.idle_servers():
                     self.close_server(server, DisconnectReason.CONFIG_CHANGED)
             self.replenish(pool)

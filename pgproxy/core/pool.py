@@ -55,6 +55,9 @@ class Pool(Generic[S, C]):
         self.stats = PoolStats()
         # PAUSE: no server is handed out (clients queue) until RESUME.
         self.paused = False
+        # Where its servers connect (the proxy's PoolTarget; a RELOAD that moves the pool
+        # replaces it): a server whose own target is not this one is closed at checkin.
+        self.target: object = None
 
     def __repr__(self) -> str:
         idle, active = len(self.idle), len(self.active)
@@ -83,6 +86,11 @@ class Pool(Generic[S, C]):
         self.waiters.setdefault(client, now)
         return None
 
+    def put_back(self, server: S) -> None:
+        """Undo the `checkout` that just took `server`: idle again, the most recent."""
+        self.active.discard(server)
+        self.idle[server] = self.taken_idle_since
+
     def take_idle(self) -> tuple[S, float]:
         """The most recently used idle server, now active, with when it became idle (even
         with clients waiting: for the caller to check it or hand it to the first of them)."""
@@ -102,12 +110,15 @@ class Pool(Generic[S, C]):
     def checkin(self, server: S, now: float) -> C | None:
         """Return a clean server: it goes to the oldest waiter (returned), or becomes idle."""
         self.active.discard(server)
-        self.resetting.discard(server)
-        if self.waiters and not self.paused:
-            client = next(iter(self.waiters))
-            del self.waiters[client]
-            self.active.add(server)
-            return client
+        if self.resetting:
+            self.resetting.discard(server)
+        if not self.paused:
+            # The oldest waiter, if any. Compiled, the loop beats next(iter()); it stops at
+            # the first key, so deleting that key does not disturb it.
+            for client in self.waiters:
+                del self.waiters[client]
+                self.active.add(server)
+                return client
         self.idle[server] = now
         return None
 

@@ -35,7 +35,25 @@ _STARTS: Final = frozenset(
         b"CLOSE",
     }
 )
-_FIRST_LETTERS: Final = frozenset(b"SsRrPpLlDdCc")
+# Per first byte of a statement: _PLAIN (nothing for the session), _KEYWORD (the first letter
+# of a word in _STARTS) or _LEADING (white space or a comment may start here: strip first).
+# Indexing bytes beats a set of boxed ints on every statement.
+_PLAIN: Final = 0
+_KEYWORD: Final = 1
+_LEADING: Final = 2
+_FIRST_BYTE: Final = bytes(
+    [
+        _KEYWORD
+        if chr(c) in "SsRrPpLlDdCc"
+        else _LEADING
+        if chr(c) in " \t\n\r\x0b\x0c-/"
+        else _PLAIN
+        for c in range(256)
+    ]
+)
+_E: Final = ord("e")
+_L: Final = ord("l")
+_SEMICOLON: Final = ord(";")
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,11 +151,17 @@ def _set_or_reset(first: bytes, words: list[bytes], stmt: bytes) -> SessionEffec
 
 
 def _statement_effect(stmt: bytes) -> SessionEffect | None:
-    if stmt[:1].isspace() or stmt[:2] in (b"--", b"/*"):
-        stmt = _strip(stmt)
-    if not stmt or stmt[0] not in _FIRST_LETTERS:
+    if not stmt:
         return None
-    if stmt[1:3] in (b"EL", b"el", b"El", b"eL"):
+    lead = _FIRST_BYTE[stmt[0]]
+    if lead == _LEADING:
+        stmt = _strip(stmt)
+        if not stmt:
+            return None
+        lead = _FIRST_BYTE[stmt[0]]
+    if lead != _KEYWORD:
+        return None
+    if len(stmt) >= 3 and (stmt[1] | 0x20) == _E and (stmt[2] | 0x20) == _L:
         return None  # SELECT, DELETE: the common case
     words = stmt[:160].rstrip(b"\x00; \t\r\n").split(None, 5)
     first = words[0].upper()
@@ -202,7 +226,12 @@ def inspect(sql: bytes) -> SessionEffect | None:
         if reason is not None:
             return SessionEffect(pin=reason)
     semicolon = sql.find(b";")
-    if semicolon < 0 or not sql[semicolon:].strip(b"; \t\r\n\x00"):
+    if (
+        semicolon < 0
+        # A Query's text ends with ';' and the NUL terminator, most often: no strip().
+        or (semicolon >= len(sql) - 2 and sql[-1] in (0, _SEMICOLON))
+        or not sql[semicolon:].strip(b"; \t\r\n\x00")
+    ):
         return _statement_effect(sql)  # one statement, perhaps with a trailing ';'
     effects = [e for e in map(_statement_effect, sql.split(b";")) if e is not None]
     if not effects:

@@ -28,10 +28,13 @@ def idle_server_for(proxy: Proxy, client: ClientConnection) -> ServerConnection 
     pool = client.pool
     if pool is None or not pool.idle or pool.waiters or pool.paused or proxy.draining:
         return None
+    server = pool.checkout(client, 0.0)  # an idle server and no waiter: never queues
+    assert server is not None
     delay = proxy.check_delay
-    if delay is not None and monotonic() - next(reversed(pool.idle.values())) >= delay:
-        return None  # idle too long: request_server checks it first
-    return pool.checkout(client, 0.0)  # an idle server and no waiter: never queues
+    if delay is not None and monotonic() - pool.taken_idle_since >= delay:
+        pool.put_back(server)  # idle too long: request_server checks it first
+        return None
+    return server
 
 
 def request_server(proxy: Proxy, client: ClientConnection) -> None:
@@ -93,13 +96,13 @@ def checkin(proxy: Proxy, server: ServerConnection) -> None:
     if not st.is_clean(pool.welcome or {}):
         proxy.close_server(server, DisconnectReason.DIRTY)
         return
-    lifetime = proxy.settings.server_lifetime
+    lifetime = proxy.server_lifetime
     if lifetime > 0 and now - st.created_at >= lifetime:
         proxy.close_server(server, DisconnectReason.LIFETIME)
         return
     # `is`: a RELOAD that moves a pool replaces its target object, and a dataclass's == runs
     # interpreted.
-    if server.target is not proxy.targets.get(pool.key) or pool.total > pool.size:
+    if server.target is not pool.target or pool.total > pool.size:
         # Moved upstream, or the pool was made smaller by a RELOAD.
         proxy.close_server(server, DisconnectReason.CONFIG_CHANGED)
         return

@@ -73,6 +73,26 @@ def test_reload_applies_users_pool_sizes_and_timeouts_live(pg: LocalPostgres, ma
         assert ops.execute("SELECT current_user").fetchone() == ("ops",)
 
 
+def test_a_reloaded_server_lifetime_replaces_servers_at_their_next_checkin(
+    pg: LocalPostgres, make_proxy
+) -> None:
+    """checkin reads server_lifetime from an attribute of the proxy, not from the settings
+    (it runs once per transaction): a RELOAD must reach that attribute. (The watchdog, which
+    retires idle servers, reads the settings; the attribute is checked for that reason.)"""
+    proxy = make_proxy(default_pool_size="1")
+    reload = reloading(proxy, {**base_flags(pg, proxy), "default_pool_size": "1"})
+    with connect(proxy.port) as conn:
+        first = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert conn.execute("SELECT pg_backend_pid()").fetchone() == first  # 3600 s: kept
+        assert "server_lifetime: 3600.0 -> 0.2" in reload(server_lifetime="0.2")
+        assert proxy.proxy.server_lifetime == 0.2
+
+        def replaced() -> bool:
+            return conn.execute("SELECT pg_backend_pid()").fetchone() != first
+
+        wait_for(replaced, timeout=5, what="the server to be replaced after its lifetime")
+
+
 def test_a_bad_configuration_changes_nothing(pg: LocalPostgres, make_proxy) -> None:
     proxy = make_proxy()
     reload = reloading(proxy, base_flags(pg, proxy))

@@ -59,6 +59,39 @@ def test_checkin_hands_server_to_oldest_waiter() -> None:
     assert pool.idle == {}
 
 
+def test_put_back_undoes_a_checkout_and_keeps_when_the_server_became_idle() -> None:
+    pool = new_pool()
+    pool.checkin("s1", now=1.0)
+    pool.checkin("s2", now=2.0)
+    assert pool.checkout("c1", now=9.0) == "s2"
+    pool.put_back("s2")
+    assert pool.active == set()
+    assert list(pool.idle.items()) == [("s1", 1.0), ("s2", 2.0)]  # still the most recent
+    assert pool.checkout("c1", now=9.0) == "s2"
+    assert pool.taken_idle_since == 2.0
+
+
+def test_checkin_of_a_server_that_was_being_reset_goes_to_the_oldest_waiter() -> None:
+    pool = new_pool()
+    pool.active.add("s1")
+    pool.start_reset("s1")
+    pool.checkout("c1", now=1.0)
+    pool.checkout("c2", now=2.0)
+    assert pool.checkin("s1", now=3.0) == "c1"
+    assert pool.resetting == set()
+    assert pool.active == {"s1"}
+    assert list(pool.waiters) == ["c2"]
+
+
+def test_a_paused_pool_keeps_its_waiters_and_idles_the_server() -> None:
+    pool = new_pool()
+    pool.checkout("c1", now=1.0)
+    pool.paused = True
+    assert pool.checkin("s1", now=2.0) is None
+    assert pool.idle == {"s1": 2.0}
+    assert list(pool.waiters) == ["c1"]
+
+
 def test_checkin_without_waiters_makes_the_server_idle_since_now() -> None:
     pool = new_pool()
     pool.active.add("s1")

@@ -158,3 +158,29 @@ def test_sets_that_cannot_be_replayed_exactly_only_pin(sql: bytes) -> None:
 def test_set_to_default_and_reset_of_any_parameter_are_resets() -> None:
     assert inspect(b"SET work_mem TO DEFAULT") == SessionEffect(resets=frozenset({"work_mem"}))
     assert inspect(b"RESET work_mem") == SessionEffect(resets=frozenset({"work_mem"}))
+
+
+@pytest.mark.parametrize(
+    ("sql", "pins"),
+    [
+        # Around the shortcuts: a statement's first byte, "EL" as its 2nd and 3rd letters,
+        # and a text that ends with ';' and NUL.
+        (b"SET work_mem = 1;\x00", True),
+        (b"set work_mem = 1;;", True),
+        (b"\x0bSET work_mem = 1", True),  # vertical tab: white space to Postgres too
+        (b"\x0c/* x */LISTEN jobs;", True),
+        (b"SELECT 1; SET work_mem = 1;\x00", True),
+        (b"SELECT 1;\x00", False),
+        (b"sElEcT 1;", False),
+        (b"DELETE FROM t;\x00", False),
+        (b"SE", False),
+        (b"S", False),
+        (b"-1", False),
+        (b"/", False),
+        (b";\x00", False),
+        (b"LISTEN jobs;\x00", True),
+        (b"SELECT 1;\x00SET work_mem = 1", False),  # Postgres reads up to the first NUL
+    ],
+)
+def test_the_fast_paths_agree_with_the_full_reading(sql: bytes, pins: bool) -> None:
+    assert (pins_session(sql) is not None) is pins
