@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from procfs import CpuClock
 from report import fmt, median_of, ratio, spread, table
-from targets import BENCH, HOST, Target
+from targets import BENCH, HOST, RELAY, Target
 
 # pgbench connects every client before it starts the clock; 1000 SCRAM logins on two
 # cores take a while, and a wedged target must not hang the whole run.
@@ -368,68 +368,66 @@ def render_workload(rounds: Rounds, workload: Workload, measured: Sequence[str])
             rows,
             "lrrrrrr",
         )
+    relay = RELAY in measured
     rows = []
     for clients in rounds.clients:
         # A target with no good run (not measured, or every run failed) gives None: "—".
         proxy = summary(rounds, name, "pgproxy", clients)
         bouncer = summary(rounds, name, "pgbouncer", clients)
         direct = summary(rounds, name, "direct", clients)
-        rows.append(
-            [
-                str(clients),
-                ratio(proxy.tps, bouncer.tps),
-                ratio(proxy.cpu, bouncer.cpu),
-                ratio(proxy.tps, direct.tps),
-                ratio(bouncer.tps, direct.tps),
-            ]
-        )
+        row = [
+            str(clients),
+            ratio(proxy.tps, bouncer.tps),
+            ratio(proxy.cpu, bouncer.cpu),
+            ratio(proxy.tps, direct.tps),
+            ratio(bouncer.tps, direct.tps),
+        ]
+        if relay:
+            floor = summary(rounds, name, RELAY, clients)
+            row += [ratio(floor.cpu, bouncer.cpu), ratio(proxy.cpu, floor.cpu)]
+        rows.append(row)
     lines += [f"#### {name}: ratios of medians", ""]
-    lines += table(
-        [
-            "clients",
-            "pgproxy / PgBouncer tps",
-            "pgproxy / PgBouncer CPU per tx",
-            "pgproxy / direct tps",
-            "PgBouncer / direct tps",
-        ],
-        rows,
-        "rrrrr",
-    )
+    headers = [
+        "clients",
+        "pgproxy / PgBouncer tps",
+        "pgproxy / PgBouncer CPU per tx",
+        "pgproxy / direct tps",
+        "PgBouncer / direct tps",
+    ]
+    if relay:
+        headers += ["uvloop-relay / PgBouncer CPU per tx", "pgproxy / uvloop-relay CPU per tx"]
+    lines += table(headers, rows, "r" * len(headers))
     return lines
 
 
 def render_overview(rounds: Rounds) -> list[str]:
     """The headline: pgproxy against PgBouncer for every workload and client count."""
+    # The relay's column only when it ran: the CPU floor uvloop sets, against PgBouncer's.
+    relay = any(m.target == RELAY for m in rounds.measurements)
     rows = []
     for workload in rounds.workloads:
         for clients in rounds.clients:
             proxy = summary(rounds, workload.name, "pgproxy", clients)
             bouncer = summary(rounds, workload.name, "pgbouncer", clients)
-            rows.append(
-                [
-                    workload.name,
-                    str(clients),
-                    fmt(proxy.tps),
-                    fmt(bouncer.tps),
-                    ratio(proxy.tps, bouncer.tps),
-                    ratio(proxy.cpu, bouncer.cpu),
-                ]
-            )
+            row = [
+                workload.name,
+                str(clients),
+                fmt(proxy.tps),
+                fmt(bouncer.tps),
+                ratio(proxy.tps, bouncer.tps),
+                ratio(proxy.cpu, bouncer.cpu),
+            ]
+            if relay:
+                row.append(ratio(summary(rounds, workload.name, RELAY, clients).cpu, bouncer.cpu))
+            rows.append(row)
+    headers = ["workload", "clients", "pgproxy tps", "PgBouncer tps", "tps ratio"]
+    headers.append("CPU per tx ratio")
+    if relay:
+        headers.append("uvloop-relay / PgBouncer CPU per tx")
     return [
         "### Overview: pgproxy / PgBouncer",
         "",
-        *table(
-            [
-                "workload",
-                "clients",
-                "pgproxy tps",
-                "PgBouncer tps",
-                "tps ratio",
-                "CPU per tx ratio",
-            ],
-            rows,
-            "lrrrrr",
-        ),
+        *table(headers, rows, "l" + "r" * (len(headers) - 1)),
     ]
 
 

@@ -54,6 +54,7 @@ from targets import (
     ALLOCATORS,
     BENCH,
     POOLERS,
+    RELAY,
     REPO,
     TARGET_NAMES,
     PoolerConfig,
@@ -143,7 +144,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "with /metrics off and no server monitor: the cost of observability),pgproxy-w2 "
         "(--workers 2),pgproxy-pymalloc (on Python's own allocator, whatever --allocator),"
         "pgproxy-interpreted (the hot path not compiled: a copy of the package without its "
-        "compiled modules)",
+        "compiled modules),uvloop-relay (bench/relay.py: a bare uvloop relay with a server "
+        "connection per client, the floor a pooler on uvloop pays; pgbench and --syscalls only)",
     )
     parser.add_argument(
         "--workloads",
@@ -637,10 +639,12 @@ def main(argv: Sequence[str]) -> int:
     most = max(args.clients, default=0) if args.workloads else 0
     storm = any("-C" in w.pgbench_args for w in args.workloads)
     poolers = len(pooler_names(args))
+    # Direct runs need a backend per client, and under -C the backends of closed
+    # connections linger a moment while new ones arrive; the pools stay connected. The
+    # relay's backends may still be leaving when direct's arrive: room for both.
+    per_client = (2 if storm else 1) * (2 if RELAY in args.targets else 1)
     pg = LocalPostgres(
-        # Direct runs need a backend per client, and under -C the backends of closed
-        # connections linger a moment while new ones arrive; both pools stay connected.
-        max_connections=most * (2 if storm else 1) + poolers * args.pool_size + 50,
+        max_connections=most * per_client + poolers * args.pool_size + 50,
         settings={"shared_buffers": "128MB"},
     )
     pgbench = str(pg.bindir / "pgbench") if (pg.bindir / "pgbench").exists() else "pgbench"

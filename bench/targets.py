@@ -42,8 +42,11 @@ TARGET_NAMES = (
     "pgproxy-w2",
     "pgproxy-pymalloc",
     "pgproxy-interpreted",
+    "uvloop-relay",
 )
-POOLERS = frozenset(TARGET_NAMES) - {"direct"}
+# Not a pooler: a server connection per client (bench/relay.py), for pgbench and syscalls only.
+RELAY = "uvloop-relay"
+POOLERS = frozenset(TARGET_NAMES) - {"direct", RELAY}
 # How long a pooler may take to accept TCP connections after it was spawned.
 START_TIMEOUT = 15.0
 
@@ -316,9 +319,27 @@ def start_pgproxy(
     return started(Target(name, port, process, metrics_port=metrics_port), log)
 
 
+def start_relay(workdir: Path, pg: LocalPostgres, config: PoolerConfig) -> Target:
+    """bench/relay.py, on pgproxy's allocator: the uvloop floor beside the poolers."""
+    port = free_port(HOST)
+    command = [
+        sys.executable, str(REPO / "bench" / "relay.py"),
+        "--listen", f"{HOST}:{port}",
+        "--server", f"{pg.host}:{pg.port}",
+    ]  # fmt: skip
+    log = workdir / f"{RELAY}.log"
+    # The repository on the path, as `python -m pgproxy` run from it has: the compiled
+    # scanner's shared library (pgproxy__mypyc) sits at its top.
+    env = {**(allocator_env(config.allocator) or os.environ), "PYTHONPATH": str(REPO)}
+    process = spawn(command, log, cwd=REPO, env=env)
+    return started(Target(RELAY, port, process), log)
+
+
 def start_target(name: str, workdir: Path, pg: LocalPostgres, config: PoolerConfig) -> Target:
     if name == "direct":
         return Target("direct", pg.port)
+    if name == RELAY:
+        return start_relay(workdir, pg, config)
     if name == "pgbouncer":
         return start_pgbouncer(workdir, pg, config)
     if name == "pgproxy-w2":
