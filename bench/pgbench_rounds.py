@@ -420,8 +420,14 @@ def render_overview(rounds: Rounds) -> list[str]:
             if relay:
                 row.append(ratio(summary(rounds, workload.name, RELAY, clients).cpu, bouncer.cpu))
             rows.append(row)
-    headers = ["workload", "clients", "pgproxy tps", "PgBouncer tps", "tps ratio"]
-    headers.append("CPU per tx ratio")
+    headers = [
+        "workload",
+        "clients",
+        "pgproxy tps",
+        "PgBouncer tps",
+        "tps ratio",
+        "CPU per tx ratio",
+    ]
     if relay:
         headers.append("uvloop-relay / PgBouncer CPU per tx")
     return [
