@@ -128,7 +128,6 @@ class Proxy:
             u.name: user_auth_from_password(u.name, u.password) for u in settings.users
         }
         self.pools: dict[PoolKey, ServerPool] = {}
-        self.targets: dict[PoolKey, PoolTarget] = {}
         self.clients: set[ClientConnection] = set()
         self.servers: set[ServerConnection] = set()
         first, step = (worker.index + 1, worker.count) if worker is not None else (1, 1)
@@ -487,7 +486,7 @@ class Proxy:
             pool.paused = self.is_paused(event.database)
             self.pools[key] = pool
             self.policies[key] = policy
-            self.targets[key] = pool.target = target
+            pool.target = target
         state = ClientState(
             id=client.id,
             user=event.user,
@@ -667,7 +666,8 @@ class Proxy:
             self._spawn(self._open_server(pool))
 
     async def _open_server(self, pool: ServerPool) -> None:
-        target = self.targets[pool.key]
+        target = pool.target
+        assert isinstance(target, PoolTarget)  # a Pool in core/ does not know the type
         login = ServerLogin(
             database=target.dbname, credentials=self._credentials(pool.key.user), params={}
         )
@@ -976,9 +976,9 @@ class Proxy:
             for server, _since in list(pool.idle_servers())[: max(excess, 0)]:
                 self.close_server(server, DisconnectReason.CONFIG_CHANGED)
             target = self._resolve(key.database)
-            if target is not None and target != self.targets.get(key):
+            if target is not None and target != pool.target:
                 # Servers of the old target go: the idle ones now, the others at checkin.
-                self.targets[key] = pool.target = target
+                pool.target = target
                 for server, _since in pool.idle_servers():
                     self.close_server(server, DisconnectReason.CONFIG_CHANGED)
             self.replenish(pool)

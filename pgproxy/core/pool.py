@@ -55,8 +55,8 @@ class Pool(Generic[S, C]):
         self.stats = PoolStats()
         # PAUSE: no server is handed out (clients queue) until RESUME.
         self.paused = False
-        # Where its servers connect (the proxy's PoolTarget; a RELOAD that moves the pool
-        # replaces it): a server whose own target is not this one is closed at checkin.
+        # Where its servers connect: the proxy's PoolTarget, replaced by a RELOAD that moves
+        # the pool. A server whose own target is not this object is closed at checkin.
         self.target: object = None
 
     def __repr__(self) -> str:
