@@ -79,10 +79,7 @@ class Pool(Generic[S, C]):
     def checkout(self, client: C, now: float) -> S | None:
         """The most recently used idle server, or None after queueing the client."""
         if self.idle and not self.waiters and not self.paused:
-            server, since = self.idle.popitem()
-            self.taken_idle_since = since
-            self.active.add(server)
-            return server
+            return self.take_idle()
         self.waiters.setdefault(client, now)
         return None
 
@@ -91,12 +88,13 @@ class Pool(Generic[S, C]):
         self.active.discard(server)
         self.idle[server] = self.taken_idle_since
 
-    def take_idle(self) -> tuple[S, float]:
-        """The most recently used idle server, now active, with when it became idle (even
-        with clients waiting: for the caller to check it or hand it to the first of them)."""
-        server, since = self.idle.popitem()
+    def take_idle(self) -> S:
+        """The most recently used idle server, now active, even with clients waiting (for
+        the caller to check it or hand it to the first of them); `taken_idle_since` says
+        when it became idle."""
+        server, self.taken_idle_since = self.idle.popitem()
         self.active.add(server)
-        return server, since
+        return server
 
     def launches_needed(self) -> int:
         """How many server connections to open now for waiters and `min_size`."""

@@ -70,8 +70,8 @@ def _serve_waiters_from_idle(
     while (
         pool.idle and not pool.paused and len(pool.waiters) > len(pool.resetting) + pool.connecting
     ):
-        server, since = pool.take_idle()
-        if delay is not None and now - since >= delay:
+        server = pool.take_idle()
+        if delay is not None and now - pool.taken_idle_since >= delay:
             proxy.check_server(server, now)  # checkin hands it to the first waiter
             continue
         waiter = pool.checkin(server, now)  # fresh: straight to the first waiter
