@@ -6,7 +6,8 @@ are cut into PostgreSQL messages by pgproxy's own `MessageScanner`, watching wha
 must see (Query and Sync from the client, ReadyForQuery from the server), so the relay does
 the reads, the writes and the framing of a pooler and nothing else. The bench runs it as the
 target `uvloop-relay`: its CPU per transaction beside PgBouncer's is the floor that asyncio
-and uvloop set for pgproxy on the same machine in the same run.
+and uvloop set for pgproxy on the same machine in the same run. The scanner is compiled;
+this file's few lines per callback run interpreted, so the floor is a little high.
 
     python bench/relay.py --listen 127.0.0.1:6433 --server 127.0.0.1:5432
 """

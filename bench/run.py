@@ -145,7 +145,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         "(--workers 2),pgproxy-pymalloc (on Python's own allocator, whatever --allocator),"
         "pgproxy-interpreted (the hot path not compiled: a copy of the package without its "
         "compiled modules),uvloop-relay (bench/relay.py: a bare uvloop relay with a server "
-        "connection per client, the floor a pooler on uvloop pays; pgbench and --syscalls only)",
+        "connection per client, the floor a pooler on uvloop pays; pgbench, --syscalls and "
+        "--large only)",
     )
     parser.add_argument(
         "--workloads",
