@@ -6,9 +6,10 @@ SQL). The row's secret (SCRAM-SHA-256 or md5, as pg_authid stores it) checks the
 password; the client's SCRAM proof then gives the proxy the ClientKey it needs to log in to
 Postgres as that user (pass-through), so no password is stored anywhere.
 
-Rules: lookups run on a worker thread with pg8000 (the loop never blocks); concurrent logins
-of one user share one lookup; results, "unknown user" included, are kept `auth_cache_ttl`
-seconds, so a changed, dropped or expired password takes effect after at most that long.
+Rules: lookups run on a worker thread with a blocking `QueryConnection` (the loop never
+blocks); concurrent logins of one user share one lookup; results, "unknown user" included,
+are kept `auth_cache_ttl` seconds, so a changed, dropped or expired password takes effect
+after at most that long.
 """
 
 from __future__ import annotations
@@ -16,16 +17,17 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import pg8000.exceptions
-import pg8000.native
-
 from pgproxy.config import Settings
 from pgproxy.core.login import UserAuth, user_auth_from_password
-from pgproxy.errors import BackendUnavailableError
+from pgproxy.core.server_login import ServerCredentials
+from pgproxy.errors import BackendUnavailableError, ConfigError, PgProxyError, ServerError
+from pgproxy.net.query_client import QueryConnection
+from pgproxy.net.tls import server_context
 
 log = logging.getLogger("pgproxy.auth")
 
@@ -47,6 +49,8 @@ class AuthCache:
         self._entries: dict[str, _Entry] = {}
         self._pending: dict[str, asyncio.Future[UserAuth | None]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        # The server TLS context, built once per settings object (RELOAD replaces it).
+        self._tls: tuple[Settings, ssl.SSLContext | None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.lookups = 0
         self.failures = 0
@@ -91,7 +95,8 @@ class AuthCache:
             )
         self.lookups += 1
         try:
-            secret = await loop.run_in_executor(self._executor, _query, settings, name)
+            tls = self._server_tls(settings)
+            secret = await loop.run_in_executor(self._executor, _query, settings, tls, name)
             auth = None if secret is None else user_auth_from_password(name, secret)
             self._entries[name] = _Entry(auth, time.monotonic() + settings.auth_cache_ttl)
             done.set_result(auth)
@@ -106,29 +111,39 @@ class AuthCache:
             elif not done.cancelled():
                 done.exception()  # retrieved: logins that gave up must not make asyncio warn
 
+    def _server_tls(self, settings: Settings) -> ssl.SSLContext | None:
+        if self._tls is None or self._tls[0] is not settings:
+            try:
+                self._tls = (settings, server_context(settings))
+            except ConfigError as exc:  # a file gone since start: this lookup fails
+                raise BackendUnavailableError(f"auth_query failed: {exc}") from None
+        return self._tls[1]
+
     def close(self) -> None:
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
             self._executor = None
 
 
-def _query(settings: Settings, name: str) -> str | None:
+def _query(settings: Settings, tls: ssl.SSLContext | None, name: str) -> str | None:
     """Run auth_query for `name` on a fresh connection; the secret, or None."""
     server = settings.server
+    # Settings allow auth_user only a plaintext password in `users`, or no entry (trust, cert).
     password = next((u.password for u in settings.users if u.name == settings.auth_user), None)
     try:
-        with pg8000.native.Connection(
-            settings.auth_user,
+        with QueryConnection.connect(
             host=server.host,
             port=server.port,
             database=settings.auth_dbname,
-            password=password,
-            timeout=settings.server_connect_timeout,
+            credentials=ServerCredentials(user=settings.auth_user, password=password),
             application_name="pgproxy auth_query",
+            timeout=settings.server_connect_timeout,
+            tls=tls,
+            tls_mode=settings.server_tls_sslmode,
         ) as conn:
             # $1 bound as a parameter: a user name cannot change the query.
-            rows = conn.execute_unnamed(settings.auth_query, vals=[name]).rows
-    except (pg8000.exceptions.InterfaceError, pg8000.exceptions.DatabaseError, OSError) as exc:
+            rows = conn.query(settings.auth_query, [name])
+    except (PgProxyError, OSError) as exc:
         raise BackendUnavailableError(f"auth_query failed: {_reason(exc)}") from None
     if not rows:
         return None
@@ -136,12 +151,12 @@ def _query(settings: Settings, name: str) -> str | None:
     if len(row) < 2:
         raise BackendUnavailableError("auth_query must return two columns: name and secret")
     secret = row[1]
-    return secret if isinstance(secret, str) and secret else None
+    return secret or None
 
 
 def _reason(exc: Exception) -> str:
-    if isinstance(exc, pg8000.exceptions.DatabaseError) and exc.args:
-        fields = exc.args[0]
-        if isinstance(fields, dict):
-            return f"{fields.get('M', exc)} ({fields.get('C', '?')})"
-    return str(exc)
+    if isinstance(exc, ServerError):
+        return f"{exc.message} ({exc.sqlstate})"
+    if isinstance(exc, PgProxyError):
+        return exc.message
+    return str(exc) or type(exc).__name__

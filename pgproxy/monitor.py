@@ -1,9 +1,9 @@
-"""A thread that reads pg_stat_activity on the server with pg8000, for /metrics.
+"""A thread that reads pg_stat_activity on the server, for /metrics.
 
 Rules of this file:
 
-* The reader runs on its own daemon thread with its own single pg8000 connection: a blocking
-  driver never runs on the event loop. It reconnects after a failure at the same interval,
+* The reader runs on its own daemon thread with its own single `QueryConnection`: blocking
+  reads never run on the event loop. It reconnects after a failure at the same interval,
   and every socket operation has a timeout, so a hung server cannot wedge it.
 * The thread publishes `BackendHealth`, a frozen snapshot, by replacing one reference; the
   loop thread reads that reference (`snapshot()`) when Prometheus scrapes. Nothing is ever
@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import pg8000.exceptions
-import pg8000.native
-
 from pgproxy.config import PasswordKind, Settings
+from pgproxy.core.server_login import ServerCredentials
+from pgproxy.errors import PgProxyError, ProtocolError, ServerError
+from pgproxy.net.query_client import QueryConnection, Row
+from pgproxy.net.tls import server_context
 
 log = logging.getLogger("pgproxy.monitor")
 
@@ -168,11 +170,12 @@ def activity_from_rows(
 
 
 def describe_error(exc: BaseException) -> str:
-    """One short line for a failed connect or read (pg8000 puts the server's fields in args)."""
-    if isinstance(exc, pg8000.exceptions.DatabaseError) and exc.args:
-        fields = exc.args[0]
-        if isinstance(fields, dict):
-            return f"{fields.get('S', 'ERROR')} {fields.get('C', '')}: {fields.get('M', '')}"
+    """One short line for a failed connect or read."""
+    if isinstance(exc, ServerError):
+        fields = exc.fields
+        return f"{fields.get('S', 'ERROR')} {fields.get('C', '')}: {fields.get('M', '')}"
+    if isinstance(exc, PgProxyError):
+        return " ".join(exc.message.split())
     if isinstance(exc, TimeoutError):
         return f"no answer within {SOCKET_TIMEOUT:g} s"
     text = " ".join(str(exc).split())
@@ -199,8 +202,9 @@ class ServerMonitor:
             log.warning("server monitor off: %s", login)
             self._snapshot = BackendHealth(up=False, reason=login, last_success_at=None)
             return
+        tls = server_context(self.settings)  # loads: the proxy built the same one at start
         self._thread = threading.Thread(
-            target=self._run, args=(login,), name="pgproxy-monitor", daemon=True
+            target=self._run, args=(login, tls), name="pgproxy-monitor", daemon=True
         )
         self._thread.start()
 
@@ -211,8 +215,8 @@ class ServerMonitor:
 
     # -- the thread --------------------------------------------------------------------------
 
-    def _run(self, login: MonitorLogin) -> None:
-        conn: Any = None  # a pg8000.native.Connection (the package has no type hints)
+    def _run(self, login: MonitorLogin, tls: ssl.SSLContext | None) -> None:
+        conn: QueryConnection | None = None
         max_connections = 0
         sees_all = True  # the role may read every backend's state (pg_read_all_stats)
         was_up: bool | None = None
@@ -220,9 +224,9 @@ class ServerMonitor:
         while not self._stop.is_set():
             try:
                 if conn is None:
-                    conn = self._connect(login)
-                    max_connections = int(conn.run("SHOW max_connections")[0][0])
-                    sees_all = bool(conn.run(_SEES_ALL_SQL)[0][0])
+                    conn = self._connect(login, tls)
+                    max_connections = int(_value(conn.query("SHOW max_connections")))
+                    sees_all = _value(conn.query(_SEES_ALL_SQL)) == "t"
                 activity = read_activity(conn, max_connections)
             except Exception as exc:  # noqa: BLE001 - any failure means down; it is reported
                 _close(conn)
@@ -260,25 +264,34 @@ class ServerMonitor:
             self._stop.wait(self.interval)
         _close(conn)
 
-    def _connect(self, login: MonitorLogin) -> Any:
-        return pg8000.native.Connection(
-            login.user,
+    def _connect(self, login: MonitorLogin, tls: ssl.SSLContext | None) -> QueryConnection:
+        return QueryConnection.connect(
             host=login.host,
             port=login.port,
             database=login.database,
-            password=login.password,
-            timeout=SOCKET_TIMEOUT,
+            credentials=ServerCredentials(user=login.user, password=login.password),
             application_name=APPLICATION_NAME,
+            timeout=SOCKET_TIMEOUT,
+            tls=tls,
+            tls_mode=self.settings.server_tls_sslmode,
         )
 
 
-def read_activity(conn: Any, max_connections: int) -> Activity:
-    rows = conn.run(_ACTIVITY_SQL)
-    oldest = conn.run(_OLDEST_SQL)[0][0]
+def read_activity(conn: QueryConnection, max_connections: int) -> Activity:
+    rows = conn.query(_ACTIVITY_SQL)
+    oldest = _value(conn.query(_OLDEST_SQL))
     return activity_from_rows(rows, float(oldest), max_connections)
 
 
-def _close(conn: Any) -> None:
+def _value(rows: list[Row]) -> str:
+    """The one non-NULL value a one-row, one-column query returns."""
+    value = rows[0][0] if rows and rows[0] else None
+    if value is None:
+        raise ProtocolError("the server returned no value")
+    return value
+
+
+def _close(conn: QueryConnection | None) -> None:
     if conn is None:
         return
     # A broken connection may fail to say goodbye; it is dropped either way.

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import subprocess
+import sys
 
-import pg8000.exceptions
 import pytest
 
 from pgproxy.config import Settings, load_settings
+from pgproxy.core.server_login import BackendLoginError
+from pgproxy.errors import ServerError
 from pgproxy.monitor import (
     UNKNOWN_STATE,
     BackendHealth,
@@ -133,7 +136,7 @@ def test_snapshots_are_frozen():
 
 
 def test_errors_are_described_in_one_line():
-    server_error = pg8000.exceptions.DatabaseError(
+    server_error = ServerError(
         {"S": "FATAL", "C": "28P01", "M": 'password authentication failed for user "x"'}
     )
     assert describe_error(server_error) == (
@@ -143,4 +146,18 @@ def test_errors_are_described_in_one_line():
         "ConnectionRefusedError: [Errno 111] Connection refused"
     )
     assert describe_error(TimeoutError()) == "no answer within 5 s"
-    assert "\n" not in describe_error(pg8000.exceptions.InterfaceError("a\nb"))
+    assert describe_error(BackendLoginError("server asked for\nGSSAPI")) == (
+        "server asked for GSSAPI"
+    )
+    assert "\n" not in describe_error(OSError("a\nb"))
+
+
+def test_the_proxy_process_loads_no_client_library():
+    """The monitor and auth_query use pgproxy's own login code: pg8000 and its imports would
+    add about 4 MiB to every proxy process."""
+    code = (
+        "import sys, pgproxy.cli, pgproxy.proxy, pgproxy.metrics, pgproxy.workers\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pg8000', 'asn1crypto')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
