@@ -19,12 +19,15 @@ cursors, locks or open transaction, faults or not.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import socket
 import threading
 import time
-from collections import Counter
+import traceback
+from collections import Counter, deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import asyncpg
@@ -57,6 +60,8 @@ DEADLINE = scale(40, 120)  # seconds for every worker to finish its steps
 # faults' legitimate effect on a client.
 FAULT_SQLSTATES = {"08000", "08003", "08006", "57P01", "57P02", "57P03", "57014"}
 RECONNECT_DEADLINE = 15.0
+# Messages a pg8000 client remembers having received, for a violation's report.
+RECEIVED_KEPT = 16
 
 
 def fault_error(exc: BaseException, *, closed: bool = False) -> str | None:
@@ -64,6 +69,10 @@ def fault_error(exc: BaseException, *, closed: bool = False) -> str | None:
 
     `closed`: the client's connection is closed now (known for psycopg only)."""
     if isinstance(exc, Violation):
+        if closed and "transaction status 'UNKNOWN'" in str(exc):
+            # The statement's answer came, then the connection ended before its ReadyForQuery
+            # (a fault right after an error, say): psycopg knows no status of a closed one.
+            return "closed-after-answer"
         return None
     if isinstance(exc, SqlError):
         if exc.sqlstate in FAULT_SQLSTATES:
@@ -121,12 +130,21 @@ class SafePg8000Client(Pg8000Client):
     and the prepares of the constructor."""
 
     def __init__(self, *args: Any) -> None:
+        self.received: deque[str] = deque(maxlen=RECEIVED_KEPT)
         try:
             super().__init__(*args)
-        except BaseException:
+        except BaseException as exc:
+            exc.add_note(f"pg8000 received last: {list(self.received)}")
             if getattr(self, "conn", None) is not None:
                 self.kill()
             raise
+
+    def _prepare_all(self, rng: random.Random) -> None:
+        # From here on every message pg8000 handles is noted, for the report of a violation.
+        handlers = self.conn.message_types
+        for code, handler in list(handlers.items()):
+            handlers[code] = functools.partial(_noting, self.received, code, handler)
+        super()._prepare_all(rng)
 
     def kill(self) -> None:
         usock, sock = self.conn._usock, self.conn._sock
@@ -145,6 +163,13 @@ class SafePg8000Client(Pg8000Client):
         except Exception:
             self.kill()
             raise
+
+
+def _noting(
+    received: deque[str], code: bytes, handler: Callable[[bytes, Any], None], data: bytes, ctx: Any
+) -> None:
+    received.append(code.decode() + (repr(data[:40]) if code == b"D" else ""))
+    handler(data, ctx)
 
 
 class FaultWorker(Worker):
@@ -176,6 +201,12 @@ class FaultWorker(Worker):
             kind = fault_error(exc, closed=closed)
             if kind is None:
                 what = str(exc) if isinstance(exc, Violation) else f"unexpected {exc!r}"
+                if not isinstance(exc, Violation):
+                    where = traceback.extract_tb(exc.__traceback__)[-1]
+                    what += f" at {Path(where.filename).name}:{where.lineno}"
+                if isinstance(client, SafePg8000Client):
+                    what += f"; pg8000 received last: {list(client.received)}"
+                what += "".join(f"; {note}" for note in getattr(exc, "__notes__", ()))
                 before = list(self.history)[:-1] if step else list(self.history)
                 self.run.violation(
                     f"{self.name} step {i} ({step or self.doing}): {what}; steps before: {before}"
