@@ -20,7 +20,7 @@ run: setup compile
 test: setup other-drivers jemalloc compile
 	$(PY) -m ruff format --check pgproxy tests bench setup.py
 	$(PY) -m ruff check pgproxy tests bench setup.py
-	$(PY) -m mypy pgproxy
+	$(PY) -m mypy pgproxy bench
 	PGPROXY_EXPECT_COMPILED=1 $(PY) -m pytest -q
 
 lint: setup
@@ -28,7 +28,7 @@ lint: setup
 	$(PY) -m ruff check pgproxy tests bench setup.py
 
 typecheck: setup
-	$(PY) -m mypy pgproxy
+	$(PY) -m mypy pgproxy bench
 
 unit: setup compile
 	$(PY) -m pytest -q tests/unit

@@ -217,7 +217,11 @@ async def keep_busy(pipe: Connection, port: int, count: int, seconds: float) -> 
     """Log in, report; on 'go' run queries for `seconds`, report; on 'close' leave."""
     clients, errors = await log_in(port, count, ACTIVE_CONCURRENCY)
     pipe.send(
-        {"logged_in": len(clients), "errors": len(errors), "first_error": (errors or [None])[0]}
+        {
+            "logged_in": len(clients),
+            "errors": len(errors),
+            "first_error": errors[0] if errors else None,
+        }
     )
     if await receive(pipe) == "go":
         started_at = time.monotonic()

@@ -323,7 +323,7 @@ def estimate_seconds(args: argparse.Namespace) -> float:
     """What the run should take on the 2-core bench machine; printed before it starts."""
     targets = len(args.targets)
     poolers = len(pooler_names(args))
-    total = SETUP_SECONDS + args.scale * PGBENCH_INIT_SECONDS_PER_SCALE
+    total: float = SETUP_SECONDS + args.scale * PGBENCH_INIT_SECONDS_PER_SCALE
     if args.workloads or args.syscalls:
         total += targets * (TARGET_START_SECONDS + warm_up_seconds(args))
     runs = args.rounds * len(args.workloads) * len(args.clients) * targets

@@ -1266,10 +1266,10 @@ def render_clients(result: SoakResult) -> list[str]:
         by_kind.setdefault(ledger.kind, []).append(ledger)
     for kind, ledgers in by_kind.items():
         errors = [e for ledger in ledgers for e in ledger.errors]
-        outside = [e for ledger in ledgers for e in result.errors_outside(ledger)]
+        errors_outside = [e for ledger in ledgers for e in result.errors_outside(ledger)]
         other = sum((ledger.other for ledger in ledgers), Counter[str]())
         ok = sum(ledger.ok for ledger in ledgers)
-        failed = sum(len(ledger.failed) for ledger in ledgers)
+        rows_failed = sum(len(ledger.failed) for ledger in ledgers)
         unknown = sum(len(ledger.unknown) for ledger in ledgers)
         what = {
             "asyncpg-abandon": "transactions abandoned",
@@ -1281,10 +1281,14 @@ def render_clients(result: SoakResult) -> list[str]:
                 f"{len(ledgers)} x {kind}",
                 f"{ok:,} {what}"
                 + "".join(f", {n:,} {name}" for name, n in other.items())
-                + (f"; {failed:,} rows failed, {unknown:,} unknown" if failed or unknown else ""),
+                + (
+                    f"; {rows_failed:,} rows failed, {unknown:,} unknown"
+                    if rows_failed or unknown
+                    else ""
+                ),
                 f"{unknown:,}" if what == "tx committed" else "—",
-                f"{len(errors) - len(outside):,}",
-                f"{len(outside):,}",
+                f"{len(errors) - len(errors_outside):,}",
+                f"{len(errors_outside):,}",
                 Counter(text for _, text in errors).most_common(1)[0][0] if errors else "",
             ]
         )
@@ -1388,7 +1392,11 @@ def rss_profile(result: SoakResult, points: int = 11) -> list[int]:
     if not result.rss:
         return []
     marks = [result.started_at + result.plan.seconds * i / (points - 1) for i in range(points)]
-    return [min(result.rss, key=lambda s, m=m: abs(s[0] - m))[1] for m in marks]
+
+    def nearest(mark: float) -> int:
+        return min(result.rss, key=lambda sample: abs(sample[0] - mark))[1]
+
+    return [nearest(m) for m in marks]
 
 
 def render_rest(result: SoakResult) -> list[str]:
