@@ -335,39 +335,28 @@ def test_server_tls_verify_full_encrypts_the_server_connections(
 
 def test_the_proxys_own_queries_use_server_tls_too(ssl_pg: LocalPostgres, certs: Certs) -> None:
     """The monitor's and auth_query's connection asks for TLS as the pool's servers do."""
-    settings = load_settings(
-        {"server_tls_sslmode": "verify-full", "server_tls_ca_file": str(certs.ca)}, environ={}
-    )
-    tls = server_context(settings)
-    assert tls is not None
-    with QueryConnection.connect(
-        host="localhost",
-        port=ssl_pg.port,
-        database="app",
-        credentials=ServerCredentials(user="app", password=APP_PASSWORD),
-        application_name="tls-check",
-        timeout=5.0,
-        tls=tls,
-        tls_mode=settings.server_tls_sslmode,
-    ) as conn:
-        rows = conn.query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
-        assert rows == [("t",)]
-    # A CA that signed nothing here: the certificate check refuses the server.
-    wrong = load_settings(
-        {"server_tls_sslmode": "verify-full", "server_tls_ca_file": str(certs.other_ca)},
-        environ={},
-    )
-    with pytest.raises(BackendUnavailableError, match="TLS with the server failed"):
-        QueryConnection.connect(
+
+    def connect(ca: Path) -> QueryConnection:
+        settings = load_settings(
+            {"server_tls_sslmode": "verify-full", "server_tls_ca_file": str(ca)}, environ={}
+        )
+        return QueryConnection.connect(
             host="localhost",
             port=ssl_pg.port,
             database="app",
             credentials=ServerCredentials(user="app", password=APP_PASSWORD),
             application_name="tls-check",
             timeout=5.0,
-            tls=server_context(wrong),
-            tls_mode=wrong.server_tls_sslmode,
+            tls=server_context(settings),
+            tls_mode=settings.server_tls_sslmode,
         )
+
+    with connect(certs.ca) as conn:
+        rows = conn.query("SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()")
+        assert rows == [("t",)]
+    # A CA that signed nothing here: the certificate check refuses the server.
+    with pytest.raises(BackendUnavailableError, match="TLS with the server failed"):
+        connect(certs.other_ca)
 
 
 def test_server_tls_client_certificate_satisfies_a_clientcert_rule_in_pg_hba(
