@@ -140,10 +140,12 @@ class SafePg8000Client(Pg8000Client):
             raise
 
     def _prepare_all(self, rng: random.Random) -> None:
-        # From here on every message pg8000 handles is noted, for the report of a violation.
+        # From here on every message pg8000 handles is noted, for the report of a violation
+        # (once: `reprepare` comes here again on the same connection).
         handlers = self.conn.message_types
-        for code, handler in list(handlers.items()):
-            handlers[code] = functools.partial(_noting, self.received, code, handler)
+        if not isinstance(handlers[b"Z"], functools.partial):
+            for code, handler in list(handlers.items()):
+                handlers[code] = functools.partial(_noting, self.received, code, handler)
         super()._prepare_all(rng)
 
     def kill(self) -> None:
