@@ -19,6 +19,7 @@ cursors, locks or open transaction, faults or not.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import random
 import socket
@@ -107,6 +108,9 @@ def fault_error(exc: BaseException, *, closed: bool = False) -> str | None:
     if isinstance(exc, psycopg.OperationalError):
         return exc.sqlstate or "closed"
     if isinstance(exc, (ConnectionError, TimeoutError)):
+        return "closed"
+    if isinstance(exc, OSError) and exc.errno == errno.ENOTCONN:
+        # The step's own abrupt disconnect found the socket already cut by a fault.
         return "closed"
     return None
 
