@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from pgproxy.config import Settings
 from pgproxy.core.login import UserAuth, user_auth_from_password
 from pgproxy.core.server_login import ServerCredentials
-from pgproxy.errors import BackendUnavailableError, ConfigError, PgProxyError, ServerError
+from pgproxy.errors import BackendUnavailableError, PgProxyError, ServerError
 from pgproxy.net.query_client import QueryConnection
-from pgproxy.net.tls import server_context
 
 log = logging.getLogger("pgproxy.auth")
 
@@ -44,13 +43,14 @@ class _Entry:
 class AuthCache:
     """Users fetched with auth_query, by name; reads and writes on the loop thread only."""
 
-    def __init__(self, settings: Callable[[], Settings]) -> None:
+    def __init__(
+        self, settings: Callable[[], Settings], server_tls: Callable[[], ssl.SSLContext | None]
+    ) -> None:
         self._settings = settings  # the proxy's current settings (RELOAD may change them)
+        self._server_tls = server_tls  # and its current TLS context for Postgres
         self._entries: dict[str, _Entry] = {}
         self._pending: dict[str, asyncio.Future[UserAuth | None]] = {}
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
-        # The server TLS context, built once per settings object (RELOAD replaces it).
-        self._tls: tuple[Settings, ssl.SSLContext | None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.lookups = 0
         self.failures = 0
@@ -95,7 +95,7 @@ class AuthCache:
             )
         self.lookups += 1
         try:
-            tls = self._server_tls(settings)
+            tls = self._server_tls()
             secret = await loop.run_in_executor(self._executor, _query, settings, tls, name)
             auth = None if secret is None else user_auth_from_password(name, secret)
             self._entries[name] = _Entry(auth, time.monotonic() + settings.auth_cache_ttl)
@@ -110,14 +110,6 @@ class AuthCache:
                 done.cancel()
             elif not done.cancelled():
                 done.exception()  # retrieved: logins that gave up must not make asyncio warn
-
-    def _server_tls(self, settings: Settings) -> ssl.SSLContext | None:
-        if self._tls is None or self._tls[0] is not settings:
-            try:
-                self._tls = (settings, server_context(settings))
-            except ConfigError as exc:  # a file gone since start: this lookup fails
-                raise BackendUnavailableError(f"auth_query failed: {exc}") from None
-        return self._tls[1]
 
     def close(self) -> None:
         if self._executor is not None:

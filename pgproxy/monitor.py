@@ -37,7 +37,6 @@ from pgproxy.config import PasswordKind, Settings
 from pgproxy.core.server_login import ServerCredentials
 from pgproxy.errors import PgProxyError, ProtocolError, ServerError
 from pgproxy.net.query_client import QueryConnection, Row
-from pgproxy.net.tls import server_context
 
 log = logging.getLogger("pgproxy.monitor")
 
@@ -185,8 +184,9 @@ def describe_error(exc: BaseException) -> str:
 class ServerMonitor:
     """Reads pg_stat_activity every `monitor_interval` seconds on a daemon thread."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, tls: ssl.SSLContext | None) -> None:
         self.settings = settings
+        self.tls = tls  # the proxy's context for Postgres (None: no TLS)
         self.interval = settings.monitor_interval
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -202,9 +202,8 @@ class ServerMonitor:
             log.warning("server monitor off: %s", login)
             self._snapshot = BackendHealth(up=False, reason=login, last_success_at=None)
             return
-        tls = server_context(self.settings)  # loads: the proxy built the same one at start
         self._thread = threading.Thread(
-            target=self._run, args=(login, tls), name="pgproxy-monitor", daemon=True
+            target=self._run, args=(login,), name="pgproxy-monitor", daemon=True
         )
         self._thread.start()
 
@@ -215,7 +214,7 @@ class ServerMonitor:
 
     # -- the thread --------------------------------------------------------------------------
 
-    def _run(self, login: MonitorLogin, tls: ssl.SSLContext | None) -> None:
+    def _run(self, login: MonitorLogin) -> None:
         conn: QueryConnection | None = None
         max_connections = 0
         sees_all = True  # the role may read every backend's state (pg_read_all_stats)
@@ -224,7 +223,7 @@ class ServerMonitor:
         while not self._stop.is_set():
             try:
                 if conn is None:
-                    conn = self._connect(login, tls)
+                    conn = self._connect(login)
                     max_connections = int(_value(conn.query("SHOW max_connections")))
                     sees_all = _value(conn.query(_SEES_ALL_SQL)) == "t"
                 activity = read_activity(conn, max_connections)
@@ -264,7 +263,7 @@ class ServerMonitor:
             self._stop.wait(self.interval)
         _close(conn)
 
-    def _connect(self, login: MonitorLogin, tls: ssl.SSLContext | None) -> QueryConnection:
+    def _connect(self, login: MonitorLogin) -> QueryConnection:
         return QueryConnection.connect(
             host=login.host,
             port=login.port,
@@ -272,7 +271,7 @@ class ServerMonitor:
             credentials=ServerCredentials(user=login.user, password=login.password),
             application_name=APPLICATION_NAME,
             timeout=SOCKET_TIMEOUT,
-            tls=tls,
+            tls=self.tls,
             tls_mode=self.settings.server_tls_sslmode,
         )
 

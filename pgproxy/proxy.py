@@ -180,7 +180,7 @@ class Proxy:
         # Read at every checkin: an attribute of its own, kept in step by reload.
         self.server_lifetime = settings.server_lifetime
         # Users looked up in Postgres (auth_user + auth_query).
-        self.auth_cache = AuthCache(lambda: self.settings)
+        self.auth_cache = AuthCache(lambda: self.settings, lambda: self.server_tls)
 
     def _load_tls(self, settings: Settings) -> None:
         """The TLS contexts of `settings`; raises ConfigError (and changes nothing) if a
@@ -256,7 +256,7 @@ class Proxy:
             )
             self.metrics_port = int(self._metrics_server.sockets[0].getsockname()[1])
         if self.settings.monitor_interval > 0 and (worker is None or worker.index == 0):
-            self.monitor = ServerMonitor(self.settings)
+            self.monitor = ServerMonitor(self.settings, self.server_tls)
             self.monitor.start()
         self._spawn(self._watchdog())
         if (

@@ -79,7 +79,7 @@ class QueryConnection:
     def query(self, sql: str, params: Sequence[str] = ()) -> list[Row]:
         """Run one statement; its rows. With `params`, they are bound as $1, $2... (text)."""
         if params:
-            self._sock.sendall(_extended(sql, params))
+            self._sock.sendall(messages.unnamed_query(sql, params))
         else:
             self._sock.sendall(messages.query(sql))
         rows: list[Row] = []
@@ -169,31 +169,6 @@ def _recv(sock: socket.socket) -> bytes:
     if not data:
         raise ConnectionResetError("the server closed the connection")
     return data
-
-
-def _extended(sql: str, params: Sequence[str]) -> bytes:
-    """Parse, Bind (text parameters, text results), Execute, Sync for the unnamed statement."""
-    bind = bytearray(b"\0\0")  # unnamed portal, unnamed statement
-    bind += (0).to_bytes(2)  # no parameter format codes: all text
-    bind += len(params).to_bytes(2)
-    for value in params:
-        encoded = value.encode()
-        bind += len(encoded).to_bytes(4) + encoded
-    bind += (0).to_bytes(2)  # no result format codes: all text
-    parse = b"\0" + sql.encode() + b"\0" + (0).to_bytes(2)
-    execute = b"\0" + (0).to_bytes(4)  # unnamed portal, all rows
-    return b"".join(
-        (
-            _frame(b"P", parse),
-            _frame(b"B", bytes(bind)),
-            _frame(b"E", execute),
-            messages.sync(),
-        )
-    )
-
-
-def _frame(code: bytes, body: bytes) -> bytes:
-    return code + (len(body) + 4).to_bytes(4) + body
 
 
 def _data_row(body: bytes) -> Row:

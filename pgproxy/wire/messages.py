@@ -14,7 +14,7 @@ Layouts: PostgreSQL docs, "Frontend/Backend Protocol" → "Message Formats" and
 """
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from pgproxy.errors import (
@@ -207,6 +207,25 @@ def gssenc_request() -> bytes:
 
 def query(sql: str) -> bytes:
     return _message(FrontendCode.QUERY, _cstring(sql))
+
+
+def unnamed_query(sql: str, params: Sequence[str]) -> bytes:
+    """Parse, Bind, Execute and Sync of the unnamed statement: text parameters as $1, $2...,
+    text results, all rows."""
+    bind = bytearray(b"\x00\x00\x00\x00")  # unnamed portal and statement, all params text
+    bind += len(params).to_bytes(2)
+    for value in params:
+        encoded = value.encode()
+        bind += _INT32.pack(len(encoded)) + encoded
+    bind += b"\x00\x00"  # all results text
+    return b"".join(
+        (
+            _message(FrontendCode.PARSE, b"\x00" + _cstring(sql) + b"\x00\x00"),
+            _message(FrontendCode.BIND, bytes(bind)),
+            _message(FrontendCode.EXECUTE, b"\x00\x00\x00\x00\x00"),
+            sync(),
+        )
+    )
 
 
 def terminate() -> bytes:

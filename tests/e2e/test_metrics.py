@@ -418,7 +418,7 @@ def test_stopping_the_monitor_does_not_wait_for_a_hung_server() -> None:
             {"server": f"127.0.0.1:{port}", "users": ["app:pw"], "monitor_interval": "0.2"},
             environ={},
         )
-        monitor = ServerMonitor(config)
+        monitor = ServerMonitor(config, None)  # the fake server speaks no TLS
         monitor.start()
         listener.settimeout(10)
         accepted, _peer = listener.accept()

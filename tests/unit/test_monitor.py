@@ -72,7 +72,7 @@ def test_login_tries_application_users_before_console_users():
 def test_without_usable_credentials_the_monitor_says_why_and_stays_down():
     config = settings(users=[f"a:{SCRAM_SECRET}"], monitor_interval="1")
     assert isinstance(monitor_login(config), str)
-    monitor = ServerMonitor(config)
+    monitor = ServerMonitor(config, None)
     monitor.start()  # no thread: nothing to log in with
     health = monitor.snapshot()
     assert health is not None
