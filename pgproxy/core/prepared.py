@@ -6,7 +6,8 @@ content, so identical statements of different clients share it. Each server conn
 LRU set of what is prepared there. When the proxy prepares on demand or answers a client's
 Parse itself, the server's answers no longer match the client's messages one to one: the
 `ResponseTracker` knows, message by message, what the server owes and whether the client gets
-it (FORWARD), does not (SWALLOW), or gets an answer the server never sends (FAKE).
+it (FORWARD), does not (SWALLOW), gets only its error (PREPARE), or gets an answer the server
+never sends (FAKE).
 
 Pure: bytes and decisions, no I/O. Message flow: PostgreSQL docs, "Extended Query": after an
 error the server skips every message until Sync, so do the plans.
@@ -161,8 +162,15 @@ class StatementCounts:
 
 class Action(IntEnum):
     FORWARD = 0  # the client sent it and gets the answer
-    SWALLOW = 1  # the proxy sent it; the answer is withheld (an error still reaches the client)
+    # The proxy's own message ahead of the client's (session prelude, unnamed statement replay,
+    # eviction): nothing of the answer reaches the client, not even an error; ServerState
+    # reports that error (`proxy_error`) and the client is failed.
+    SWALLOW = 1
     FAKE = 2  # the proxy answers the client itself; nothing was sent to the server
+    # A Parse the proxy slips in before the client's Bind or Describe: ParseComplete is
+    # withheld, an error reaches the client (the server skips its next messages: it must know
+    # why).
+    PREPARE = 3
 
 
 @dataclass(frozen=True, slots=True)
@@ -333,16 +341,19 @@ class ResponseTracker:
             parts.append(fakes)
         run = -1  # start of the current run of bytes the client gets, -1 when none
         pos = 0
-        for code, _body, end in frames:
+        for code, body, end in frames:
             head = queue[0] if queue else None
-            if head is None or head.action is Action.FORWARD or code == _ERROR:
-                # An error to a message of the proxy's still reaches the client: the client's
-                # own next messages are skipped by the server, the client must know why.
+            if head is None or head.action is Action.FORWARD:
                 if run < 0:
                     run = pos
-            elif run >= 0:
-                parts.append(data[run:pos])
-                run = -1
+            else:
+                if run >= 0:
+                    parts.append(data[run:pos])
+                    run = -1
+                if code == _ERROR and head.action is Action.PREPARE:
+                    # Rebuilt from its body: the bytes before it in the chunk are the withheld
+                    # answer's, and it may have begun in an earlier chunk.
+                    parts.append(b"E" + (len(body) + 4).to_bytes(4, "big") + body)
             pos = end
             if head is None:
                 continue
@@ -544,7 +555,7 @@ class Rewriter:
         self._server.add(server_name)
         self._counts.reprepares += 1
         body = server_name + b"\x00" + definition
-        self._tracker.expect_after(held, Expected(_F_PARSE, Action.SWALLOW, statement=server_name))
+        self._tracker.expect_after(held, Expected(_F_PARSE, Action.PREPARE, statement=server_name))
         sent.append((_F_PARSE, body, 0))
         return _HEADER.pack(_F_PARSE, len(body) + 4) + body
 

@@ -10,6 +10,10 @@ own. The test then breaks things the way networks and hosts break them:
 * `half_close`: shutdown(SHUT_WR) toward pgproxy or toward Postgres, the other way open;
 * `close_after`, `stall_after`: forward exactly N more bytes toward pgproxy, then cut or
   stall (faults in the middle of a message, at a byte of the test's choosing);
+* `cut_answer`: keep messages toward pgproxy up to the first of a type, drop whole messages
+  after it until Postgres sends an ErrorResponse, then forward the kept ones and the error in
+  one write (an answer ended by that error at a message of the test's choosing, as a backend
+  terminated in the middle of a statement ends it);
 * `delay`: latency added to every chunk, in both directions, order kept;
 * `refuse`: the listening socket closed (connections are refused: Postgres is down);
   `hang_new`: new connections accepted and never answered (a hung host).
@@ -58,6 +62,7 @@ class LinkInfo:
     bytes_up: int
     bytes_down: int
     stalled: frozenset[str]
+    bytes_dropped: int  # by `cut_answer`
 
 
 class _Side(asyncio.Protocol):
@@ -131,6 +136,45 @@ class _Side(asyncio.Protocol):
             transport.close()
 
 
+class _AnswerCutter:
+    """Keeps whole messages up to and including the first of type `through`, then drops whole
+    messages until an ErrorResponse begins; then passes what it kept and everything after."""
+
+    def __init__(self, through: bytes) -> None:
+        self.through = through
+        self.dropping = False
+        self.done = False
+        self.dropped = 0
+        self._buffer = bytearray()
+        self._kept = bytearray()
+
+    def feed(self, data: bytes) -> bytes:
+        if self.done:
+            return data
+        buffer = self._buffer
+        buffer += data
+        out = self._kept
+        while len(buffer) >= 5:
+            code = bytes(buffer[:1])
+            if self.dropping and code == b"E":
+                self.done = True
+                break
+            end = 1 + struct.unpack("!i", buffer[1:5])[0]
+            if len(buffer) < end:
+                break
+            if self.dropping:
+                self.dropped += end
+            else:
+                out += buffer[:end]
+                self.dropping = code == self.through
+            del buffer[:end]
+        if not self.done:
+            return b""
+        out += buffer
+        buffer.clear()
+        return bytes(out)
+
+
 class Link:
     """One connection from pgproxy and the relay's connection to Postgres for it."""
 
@@ -158,6 +202,7 @@ class Link:
         self.down_budget: int | None = None
         self.budget_action = "cut"
         self._held = b""
+        self.cutter: _AnswerCutter | None = None
 
     def peer(self, side: _Side) -> _Side:
         return self.up if side is self.down else self.down
@@ -170,6 +215,7 @@ class Link:
             self.bytes_up,
             self.bytes_down,
             frozenset(self.stalled),
+            self.cutter.dropped if self.cutter is not None else 0,
         )
 
     # -- data --
@@ -184,6 +230,10 @@ class Link:
             self.bytes_down += len(data)
             if self._peeking:
                 self._peek_login(data)
+            if self.cutter is not None:
+                data = self.cutter.feed(data)
+                if not data:
+                    return
             if self.down_budget is not None:
                 budget = self.down_budget
                 self.down_budget = budget - len(data) if budget > len(data) else None
@@ -521,6 +571,18 @@ class Relay:
             (link,) = self._select([pid])
             link.down_budget = nbytes
             link.budget_action = "cut"
+
+        self._call(do)
+
+    def cut_answer(self, pid: int, through: bytes) -> None:
+        """From now on, on this link, keep messages toward pgproxy up to and including the
+        first of type `through`, drop whole messages after it until Postgres sends an
+        ErrorResponse, then forward the kept ones with the error in one write, and everything
+        after. (Only while the server owes nothing: the stream is at a message boundary.)"""
+
+        def do() -> None:
+            (link,) = self._select([pid])
+            link.cutter = _AnswerCutter(through)
 
         self._call(do)
 

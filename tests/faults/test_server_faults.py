@@ -9,6 +9,8 @@ other clients do not notice, and the pool is whole again afterwards.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import random
 import time
 import urllib.error
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import asyncpg
+import pg8000.native
 import psycopg
 import pytest
 
@@ -25,6 +28,7 @@ from tests.e2e.conftest import ProxyThread
 from tests.e2e.helpers import Background, kill_socket, wait_for
 
 from .helpers import (
+    APP,
     assert_pool_whole,
     asyncpg_connect,
     login_error,
@@ -33,6 +37,7 @@ from .helpers import (
     psycopg_connect,
     scale,
     server_pids,
+    sqlstate,
     wait_until_quiet,
 )
 from .relay import Relay
@@ -419,6 +424,82 @@ def test_a_fatal_right_behind_the_last_ready_for_query_does_not_reach_the_client
     ), outcome
     with psycopg_connect(proxy.port) as conn:
         assert conn.execute("SELECT 2").fetchone() == (2,)
+
+
+@pytest.mark.parametrize("driver", ["pg8000 (names mapped)", "psycopg"])
+def test_a_session_prelude_cut_by_a_fatal_reaches_the_client_as_that_fatal_only(
+    cluster: LocalPostgres, relay: Relay, make_proxy: Callable[..., ProxyThread], driver: str
+) -> None:
+    """The server is terminated while it answers the proxy's own SET of the client's settings
+    (the prelude): RowDescription, a DataRow, then FATAL 57P01. Found by the fault isolation
+    test: with named statements mapped, the DataRow went to the client along with the FATAL
+    and pg8000 failed inside its row handling instead of reporting 57P01."""
+    proxy = make_proxy(default_pool_size="1")
+    received: list[tuple[bytes, bytes]] = []  # what pg8000 handles, in order
+    other = psycopg_connect(proxy.port, options="-c TimeZone=UTC")
+    try:
+        pid = other.execute("SELECT pg_backend_pid()").fetchone()[0]
+        if driver == "psycopg":
+            conn: Any = psycopg_connect(proxy.port, options="-c TimeZone=Asia/Tokyo")
+            conn.execute("SELECT 1")  # its settings are applied: the other one's next
+            other.execute("SELECT 1")  # use of the server puts the other settings back
+
+            def request() -> object:
+                return conn.execute("SELECT 2").fetchone()
+
+        else:
+            conn = pg8000.native.Connection(
+                APP.user,
+                host="127.0.0.1",
+                port=proxy.port,
+                password=APP.password,
+                database=APP.database,
+                startup_params={"TimeZone": "Asia/Tokyo"},
+                timeout=10,
+            )
+            statement = conn.prepare("SELECT CAST(:n AS int) + 1")  # maps names from now on
+            other.execute("SELECT 1")
+            handlers = conn.message_types
+            for code, handler in list(handlers.items()):
+                handlers[code] = functools.partial(_noting, received, code, handler)
+
+            def request() -> object:
+                return statement.run(n=1)
+
+        relay.cut_answer(pid, through=b"D")  # the prelude's RowDescription and DataRow
+        call = Background(request)
+        call.start()
+        wait_for(
+            lambda: any(i.bytes_dropped for i in relay.links() if i.backend_pid == pid),
+            what="the server to answer the prelude",
+        )
+        cluster.execute("SELECT pg_terminate_backend($1)", pid)
+        outcome = call.finish(timeout=15)
+        if driver == "psycopg":
+            assert isinstance(outcome, Exception) and sqlstate(outcome) == "57P01", repr(outcome)
+        else:
+            # pg8000 reads on to a ReadyForQuery after an error, so a FATAL shows as the
+            # network error of the close that follows it (directly as well).
+            assert isinstance(outcome, pg8000.native.InterfaceError), repr(outcome)
+            assert [code for code, _ in received] == [b"E"], received
+            assert b"C57P01\x00" in received[0][1]
+        with contextlib.suppress(Exception):
+            conn.close()
+    finally:
+        other.close()
+    with psycopg_connect(proxy.port) as conn:
+        assert conn.execute("SELECT 3").fetchone() == (3,)
+
+
+def _noting(
+    received: list[tuple[bytes, bytes]],
+    code: bytes,
+    handler: Callable[[bytes, Any], None],
+    data: bytes,
+    context: Any,
+) -> None:
+    received.append((code, bytes(data)))
+    handler(data, context)
 
 
 def test_background_fault_storm_leaves_the_pool_whole(

@@ -105,9 +105,9 @@ def test_plain_forwarding_passes_everything() -> None:
     assert len(t) == 0
 
 
-def test_swallowed_parse_before_a_clients_bind_is_withheld() -> None:
+def test_parse_prepared_before_a_clients_bind_is_withheld() -> None:
     t = ResponseTracker()
-    expect(t, (F.PARSE, Action.SWALLOW), (F.BIND, Action.FORWARD), (F.EXECUTE, Action.FORWARD),
+    expect(t, (F.PARSE, Action.PREPARE), (F.BIND, Action.FORWARD), (F.EXECUTE, Action.FORWARD),
            (F.SYNC, Action.FORWARD))  # fmt: skip
     data = PARSE_COMPLETE + BIND_COMPLETE + ROW + COMPLETE + READY
     out, events = run(t, data)
@@ -151,17 +151,49 @@ def test_error_skips_to_sync_and_drops_fakes_and_reports_parses() -> None:
     assert len(t) == 0
 
 
-def test_error_in_a_swallowed_parse_still_reaches_the_client() -> None:
+def test_error_in_a_parse_prepared_on_demand_still_reaches_the_client() -> None:
     t = ResponseTracker()
-    expect(t, (F.PARSE, Action.SWALLOW), (F.BIND, Action.FORWARD), (F.SYNC, Action.FORWARD))
+    expect(t, (F.PARSE, Action.PREPARE), (F.BIND, Action.FORWARD), (F.SYNC, Action.FORWARD))
     out, events = run(t, ERROR + READY)
     assert out == ERROR + READY
     assert events.failed == [(b"s1", b"")]
 
 
+def test_error_in_a_parse_prepared_on_demand_arrives_whole_when_split() -> None:
+    t = ResponseTracker()
+    expect(t, (F.PARSE, Action.PREPARE), (F.BIND, Action.FORWARD), (F.SYNC, Action.FORWARD))
+    notice = msg("N", b"SNOTICE\x00C00000\x00Mhello\x00\x00")
+    data = notice + ERROR + READY
+    scanner = MessageScanner(TRACKED_BACKEND)
+    out = bytearray()
+    events = TrackerEvents()
+    for i in range(len(data)):
+        chunk = data[i : i + 1]
+        out += t.feed(chunk, scanner.feed(chunk), events)
+    assert bytes(out) == ERROR + READY
+    assert len(t) == 0
+
+
+def test_nothing_of_the_proxys_own_query_reaches_the_client_not_even_its_error() -> None:
+    # The session prelude's answer cut by a FATAL (its backend terminated): no byte of it, its
+    # DataRow least of all, may reach the client. ServerState reports the error instead.
+    description = msg("T", b"\x00\x01set_config\x00" + bytes(18))
+    fatal = msg("E", b"SFATAL\x00C57P01\x00Mterminating connection\x00\x00")
+    data = description + ROW + fatal
+    for split in range(len(data) + 1):
+        t = ResponseTracker()
+        t.expect(Expected(F.QUERY, Action.SWALLOW))
+        expect(t, (F.BIND, Action.FORWARD), (F.SYNC, Action.FORWARD))
+        scanner = MessageScanner(TRACKED_BACKEND)
+        events = TrackerEvents()
+        out = t.feed(data[:split], scanner.feed(data[:split]), events)
+        out += t.feed(data[split:], scanner.feed(data[split:]), events)
+        assert out == b"", split
+
+
 def test_answers_split_across_chunks_keep_their_fate() -> None:
     t = ResponseTracker()
-    expect(t, (F.PARSE, Action.SWALLOW), (F.BIND, Action.FORWARD), (F.EXECUTE, Action.FORWARD),
+    expect(t, (F.PARSE, Action.PREPARE), (F.BIND, Action.FORWARD), (F.EXECUTE, Action.FORWARD),
            (F.SYNC, Action.FORWARD))  # fmt: skip
     data = PARSE_COMPLETE + BIND_COMPLETE + ROW + ROW + COMPLETE + READY
     scanner = MessageScanner(TRACKED_BACKEND)
