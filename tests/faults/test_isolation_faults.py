@@ -80,6 +80,11 @@ def fault_error(exc: BaseException, *, closed: bool = False) -> str | None:
             return exc.sqlstate
         if exc.sqlstate is None and "closed the connection" in str(exc):
             return "closed"
+        if exc.sqlstate is None and "the connection is closed" in str(exc):
+            # psycopg's words for a statement on a connection that it closed itself: the
+            # previous statement's answer (an error the step expects, say) came in one read
+            # with the FATAL of a fault and the end of the connection.
+            return "closed-after-answer"
         if exc.sqlstate is None and closed and "results from command" in str(exc):
             # Postgres ended the session (the terminate fault's FATAL 57P01) after a command's
             # CommandComplete and before its ReadyForQuery, in one write: psycopg counts two
