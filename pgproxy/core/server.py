@@ -549,6 +549,15 @@ class ServerState:
                     elif not self.swallowing:
                         client.wanted[key] = value
                         self.applied[key] = value
+                elif (
+                    key is not None
+                    and client is not None
+                    and not self.swallowing
+                    and client.wanted.get(key, value) != value
+                ):
+                    # A RESET showed the client the server's default, not its startup value:
+                    # it is told again before anything more reaches it (`catch_up`).
+                    client.stale = True
             elif code == _ERROR_RESPONSE:
                 fields = messages.parse_fields(body)
                 if fields.get("V", fields.get("S")) in ("FATAL", "PANIC"):
@@ -599,13 +608,20 @@ class ServerState:
     def _catch_up_client(self) -> None:
         """After a prelude, tell the client the server's canonical spelling of its settings."""
         client = self.client
-        if client is None:
-            return
+        if client is not None:
+            self.outbox.extend(self.catch_up(client))
+
+    def catch_up(self, client: "ClientView") -> list[bytes]:
+        """ParameterStatus messages for what `client` was told otherwise than this server,
+        which has the client's settings applied, says now."""
+        client.stale = False
         reported = client.reported
+        out = []
         for name, value in self.params.items():
             if reported.get(name) != value:
                 reported[name] = value
-                self.outbox.append(messages.parameter_status(name, value))
+                out.append(messages.parameter_status(name, value))
+        return out
 
     def expect_nothing(self) -> bool:
         """True when the server owes nothing and waits for input (safe to write to or close)."""
@@ -620,9 +636,11 @@ def _tracked_key(name: str) -> str | None:
 class ClientView:
     """What a server connection needs to know of the client it serves (its session view)."""
 
-    __slots__ = ("reported", "startup", "statements", "wanted")
+    __slots__ = ("reported", "stale", "startup", "statements", "wanted")
 
     def __init__(self, wanted: dict[str, str], reported: dict[str, str]) -> None:
+        # Told a value of a setting it did not ask for (by a RESET): see `ServerState.catch_up`.
+        self.stale = False
         # The client's named prepared statements (its names → the proxy's).
         self.statements = ClientStatements()
         # The settings of the client's startup packet: what RESET returns to.

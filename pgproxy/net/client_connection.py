@@ -612,7 +612,10 @@ class ClientConnection(asyncio.Protocol):
         prelude = build_prelude(st.view.wanted, sst.applied)
         if prelude is not None:
             sst.applied = dict(st.view.wanted)
-            prefix = sst.send_proxy_query(prelude)
+            prefix = sst.send_proxy_query(prelude)  # its answer ends with the catch-up
+        elif st.view.stale:
+            # Nothing of the server's is on its way to the client: a message boundary.
+            self.write(b"".join(sst.catch_up(st.view)))
         replay = st.last_unnamed_parse
         if (
             replay is not None

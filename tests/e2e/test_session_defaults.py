@@ -233,6 +233,33 @@ def test_reset_time_zone_returns_to_the_clients_startup_value_like_a_direct_conn
         assert show(b, "TimeZone") == defaults["TimeZone"]
 
 
+def test_after_a_reset_the_driver_learns_its_startup_value_on_a_server_that_needs_no_prelude(
+    make_proxy: Callable[..., ProxyThread], app_credentials: Credentials
+) -> None:
+    """RESET TimeZone shows the client the pool's default in ParameterStatus; its next query
+    lands on the other server, which still has the client's settings applied (so no prelude
+    and its catch-up run). Seen in the fault isolation test: the driver kept the default."""
+    proxy = make_proxy(default_pool_size="2")
+    creds = app_credentials
+    with (
+        psycopg_connect(proxy, creds, autocommit=True, options=ALPHA_OPTIONS) as a,
+        psycopg_connect(proxy, creds, autocommit=True, options=ALPHA_OPTIONS) as b,
+        psycopg_connect(proxy, creds, autocommit=True) as c,
+    ):
+        b.execute("BEGIN")
+        b_pid = probe(b)[4]  # B holds one server, with A's settings applied (same options)
+        a_pid = probe(a)[4]  # so A gets the other one
+        assert a_pid != b_pid
+        a.execute("RESET TimeZone")  # on a_pid: the server's default is reported now
+        c.execute("BEGIN")
+        assert probe(c)[4] == a_pid  # C holds that one
+        b.execute("COMMIT")
+        row = probe(a)
+        assert row[4] == b_pid and row[0] == TOKYO  # no prelude needed there
+        assert a.info.parameter_status("TimeZone") == TOKYO
+        c.execute("COMMIT")
+
+
 @pytest.fixture
 def schema(pg: LocalPostgres, app_credentials: Credentials) -> Iterator[str]:
     """A schema owned by `app` holding `marker(v text)` with one row."""
