@@ -7,7 +7,9 @@ Proxy fixtures live next to the tests that use them (tests/e2e/conftest.py).
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterator
+from types import FrameType
 
 import pytest
 
@@ -18,7 +20,14 @@ from pgproxy.localpg import Credentials, LocalPostgres
 APP = Credentials(user="app", password="app-secret", database="app")
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    # A run ended by SIGTERM (`timeout`, a CI cancel) tears its fixtures down as Ctrl-C does:
+    # otherwise every PostgreSQL cluster it started stays up, and slows every later run.
+    signal.signal(signal.SIGTERM, _interrupt)
     # A module compiled before its source last changed: the tests would pass or fail on code
     # that the file no longer says.
     stale = hotpath.stale()
