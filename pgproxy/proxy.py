@@ -1044,7 +1044,12 @@ class Proxy:
             for server in list(pool.resetting):
                 started = server.reset_started_at
                 if started is not None and now - started > RESET_TIMEOUT:
-                    self.close_server(server, DisconnectReason.RESET_FAILED)
+                    self.close_server(
+                        server,
+                        DisconnectReason.CHECK_FAILED
+                        if server.checking
+                        else DisconnectReason.RESET_FAILED,
+                    )
             if pool.welcome is not None:
                 self.replenish(pool)
 

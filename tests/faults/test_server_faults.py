@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import random
 import time
 import urllib.error
@@ -355,7 +356,10 @@ def test_postgres_stopped_then_started_clients_fail_fast_then_recover(
 
 
 def test_an_idle_server_partitioned_away_is_caught_by_the_check_before_reuse(
-    cluster: LocalPostgres, relay: Relay, make_proxy: Callable[..., ProxyThread]
+    cluster: LocalPostgres,
+    relay: Relay,
+    make_proxy: Callable[..., ProxyThread],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     """A pooled server whose network vanished (no FIN, no RST: pgproxy cannot know) is
     checked with server_check_query before reuse; the check gets no answer, the server is
@@ -364,6 +368,7 @@ def test_an_idle_server_partitioned_away_is_caught_by_the_check_before_reuse(
     The check has no timeout of its own: the watchdog gives up on it after RESET_TIMEOUT
     (10 s, not configurable), and the client waits that long.
     """
+    caplog.set_level(logging.INFO, logger="pgproxy")
     proxy = make_proxy(default_pool_size="1", server_check_delay="0.2", query_wait_timeout="30")
     with psycopg_connect(proxy.port) as conn:
         pid = conn.execute("SELECT pg_backend_pid()").fetchone()[0]
@@ -374,6 +379,8 @@ def test_an_idle_server_partitioned_away_is_caught_by_the_check_before_reuse(
         waited = time.monotonic() - started
     assert new_pid != pid
     assert waited < 10 + 3, waited
+    # Logged as the check it was, not as a reset.
+    assert any("closed (server_check_failed)" in r.getMessage() for r in caplog.records)
     relay.cut([pid])
 
 
