@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import Any
 
 import asyncpg
@@ -169,6 +171,27 @@ async def asyncpg_connect(port: int, **kwargs: Any) -> asyncpg.Connection:
         database=APP.database,
         **kwargs,
     )
+
+
+def note_pg8000_messages(
+    conn: pg8000.native.Connection, note: Callable[[bytes, bytes], None]
+) -> None:
+    """From now on `note(code, body)` sees every message `conn` handles, before pg8000 does.
+    Once per connection: a second call would note every message twice."""
+    handlers = conn.message_types
+    for code, handler in list(handlers.items()):
+        handlers[code] = functools.partial(_noting, note, code, handler)
+
+
+def _noting(
+    note: Callable[[bytes, bytes], None],
+    code: bytes,
+    handler: Callable[[bytes, Any], None],
+    data: bytes,
+    context: Any,
+) -> None:
+    note(code, data)
+    handler(data, context)
 
 
 def sqlstate(exc: BaseException) -> str | None:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import random
 import socket
 import threading
@@ -51,7 +50,7 @@ from tests.e2e.test_isolation import (
     assert_left_clean,
 )
 
-from .helpers import FULL, scale
+from .helpers import FULL, note_pg8000_messages, scale
 from .relay import Relay
 
 STEPS_PER_WORKER = scale(250, 600)
@@ -140,6 +139,7 @@ class SafePg8000Client(Pg8000Client):
 
     def __init__(self, *args: Any) -> None:
         self.received: deque[str] = deque(maxlen=RECEIVED_KEPT)
+        self.noting = False
         try:
             super().__init__(*args)
         except BaseException as exc:
@@ -151,11 +151,13 @@ class SafePg8000Client(Pg8000Client):
     def _prepare_all(self, rng: random.Random) -> None:
         # From here on every message pg8000 handles is noted, for the report of a violation
         # (once: `reprepare` comes here again on the same connection).
-        handlers = self.conn.message_types
-        if not isinstance(handlers[b"Z"], functools.partial):
-            for code, handler in list(handlers.items()):
-                handlers[code] = functools.partial(_noting, self.received, code, handler)
+        if not self.noting:
+            self.noting = True
+            note_pg8000_messages(self.conn, self._note)
         super()._prepare_all(rng)
+
+    def _note(self, code: bytes, body: bytes) -> None:
+        self.received.append(code.decode() + (repr(body[:40]) if code == b"D" else ""))
 
     def kill(self) -> None:
         usock, sock = self.conn._usock, self.conn._sock
@@ -174,13 +176,6 @@ class SafePg8000Client(Pg8000Client):
         except Exception:
             self.kill()
             raise
-
-
-def _noting(
-    received: deque[str], code: bytes, handler: Callable[[bytes, Any], None], data: bytes, ctx: Any
-) -> None:
-    received.append(code.decode() + (repr(data[:40]) if code == b"D" else ""))
-    handler(data, ctx)
 
 
 class FaultWorker(Worker):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import logging
 import random
 import time
@@ -33,6 +32,7 @@ from .helpers import (
     assert_pool_whole,
     asyncpg_connect,
     login_error,
+    note_pg8000_messages,
     pg_start,
     pg_stop,
     psycopg_connect,
@@ -466,9 +466,7 @@ def test_a_session_prelude_cut_by_a_fatal_reaches_the_client_as_that_fatal_only(
             )
             statement = conn.prepare("SELECT CAST(:n AS int) + 1")  # maps names from now on
             other.execute("SELECT 1")
-            handlers = conn.message_types
-            for code, handler in list(handlers.items()):
-                handlers[code] = functools.partial(_noting, received, code, handler)
+            note_pg8000_messages(conn, lambda code, body: received.append((code, bytes(body))))
 
             def request() -> object:
                 return statement.run(n=1)
@@ -496,17 +494,6 @@ def test_a_session_prelude_cut_by_a_fatal_reaches_the_client_as_that_fatal_only(
         other.close()
     with psycopg_connect(proxy.port) as conn:
         assert conn.execute("SELECT 3").fetchone() == (3,)
-
-
-def _noting(
-    received: list[tuple[bytes, bytes]],
-    code: bytes,
-    handler: Callable[[bytes, Any], None],
-    data: bytes,
-    context: Any,
-) -> None:
-    received.append((code, bytes(data)))
-    handler(data, context)
 
 
 def test_background_fault_storm_leaves_the_pool_whole(
